@@ -1,0 +1,764 @@
+"""Lottery tickets in LeNet-300-100 on MNIST (Frankle & Carbin, ICLR 2019), in one file.
+
+Claim. A dense network contains a sparse subnetwork (a "winning ticket") that, reset to the
+network's original initialisation W0 and trained alone, matches the dense network's accuracy,
+while the same sparse structure with a fresh random initialisation (the control) falls behind
+as sparsity grows.
+
+Method. Train LeNet-300-100 from W0; remove the 20% smallest-magnitude surviving weights,
+ranked globally across all three layers; rewind the survivors to W0; train again; repeat for
+20 rounds (down to 1.15% of the weights). Beside every ticket a control trains with the same
+mask from a fresh random init, on the same batches. Every trial's tickets and controls train in
+lock-step as one stacked network (batched matrix multiplies), which is what makes the full run
+take minutes on a laptop CPU.
+
+Run:
+    pip install -r requirements.txt
+    python lot_improved.py                 # full default run: 21 trainings of ticket + control
+    python lot_improved.py --trials 3      # mean +- sd over 3 independent trials
+    python lot_improved.py --help          # every flag
+
+Outputs land in --out (default results/): results.csv, curves.csv, masks.pt,
+graph_improved.png, layers.png, summary.md, config.json. The README explains each one and shows
+the committed run's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+Tensor = torch.Tensor
+
+# ==================================================================================================
+# Config
+# ==================================================================================================
+
+
+@dataclass
+class Config:
+    """Every setting of a run. Each field is a command-line flag: `batch_size` is --batch-size."""
+
+    lr: float = field(default=0.01, metadata={"help": "SGD learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    batch_size: int = field(default=60, metadata={"help": "minibatch size"})
+    epochs: int = field(default=20, metadata={"help": "training epochs per round"})
+    rounds: int = field(
+        default=20, metadata={"help": "pruning rounds after the dense round 0 (rounds+1 trainings)"}
+    )
+    prune_rate: float = field(
+        default=0.2, metadata={"help": "fraction of the surviving weights removed per round, in (0, 1)"}
+    )
+    seed: int = field(default=0, metadata={"help": "master seed: W0, controls and data order derive from it"})
+    trials: int = field(
+        default=1, metadata={"help": "independent trials (own W0, control draws, data order), stacked"}
+    )
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (auto picks CUDA when present)"})
+    out: str = field(default="results", metadata={"help": "output directory"})
+    data_dir: str = field(
+        default="data",
+        metadata={"help": "folder holding mnist.npz (or the npz itself); else torchvision downloads MNIST here"},
+    )
+    train_subset: Optional[int] = field(
+        default=None, metadata={"help": "train on the first N training images only (quick runs, tests)"}
+    )
+    data_parallel: bool = field(
+        default=False, metadata={"help": "wrap the network in nn.DataParallel across all visible GPUs"}
+    )
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit code 2."""
+
+
+def validate(cfg: Config) -> None:
+    if not 0.0 < cfg.prune_rate < 1.0:
+        raise UsageError(f"--prune-rate must be in (0, 1), got {cfg.prune_rate}")
+    for name in ("rounds", "epochs", "batch_size", "trials"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.train_subset is not None and cfg.train_subset <= 0:
+        raise UsageError(f"--train-subset must be a positive integer, got {cfg.train_subset}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {cfg.lr}")
+    if not (math.isfinite(cfg.momentum) and 0.0 <= cfg.momentum < 1.0):
+        raise UsageError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.seed < 0:
+        raise UsageError(f"--seed must be non-negative, got {cfg.seed}")
+
+
+def resolve_device(spec: str) -> torch.device:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+        index = int(spec.split(":")[1]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return torch.device(spec)
+
+
+def derive_seed(seed: int, trial: int, stream: str) -> int:
+    """Independent 63-bit seeds per (trial, stream), so streams never disturb each other."""
+    stream_id = {"init": 0, "control": 1, "data": 2}[stream]
+    return int(np.random.SeedSequence([seed, trial, stream_id]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def make_generator(seed: int, trial: int, stream: str) -> torch.Generator:
+    # CPU generators: the same draws on every device, then moved.
+    return torch.Generator().manual_seed(derive_seed(seed, trial, stream))
+
+
+# ==================================================================================================
+# Data
+# ==================================================================================================
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+NPZ_NAME = "mnist.npz"
+
+
+@dataclass
+class Split:
+    x: Tensor  # [N, 784] float32, normalised, on the training device
+    y: Tensor  # [N] int64
+
+
+def check_mnist_arrays(x: np.ndarray, y: np.ndarray, what: str) -> None:
+    """Reject anything that is not MNIST-shaped: a wrong file must fail here, not mid-training."""
+    if x.ndim != 3 or x.shape[1:] != (28, 28):
+        raise UsageError(f"{what}: images must have shape (N, 28, 28), got {x.shape}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise UsageError(f"{what}: labels must have shape ({x.shape[0]},), got {y.shape}")
+    if x.shape[0] == 0:
+        raise UsageError(f"{what}: holds no images")
+    if x.dtype != np.uint8:
+        raise UsageError(f"{what}: images must be uint8 0..255, got {x.dtype}")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() > 9:
+        raise UsageError(f"{what}: labels must be integers in 0..9")
+
+
+def load_npz(path: Path) -> tuple[np.ndarray, ...]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = tuple(np.asarray(f[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
+    except KeyError as e:
+        raise UsageError(f"{path}: not an MNIST npz (missing key {e})") from None
+    except Exception as e:  # zip, pickle and format errors all mean the same to the user
+        raise UsageError(f"{path}: unreadable or corrupt npz ({type(e).__name__}: {one_line(e)})") from None
+    check_mnist_arrays(arrays[0], arrays[1], f"{path} [train]")
+    check_mnist_arrays(arrays[2], arrays[3], f"{path} [test]")
+    return arrays
+
+
+def load_torchvision(root: Path) -> tuple[np.ndarray, ...]:
+    """The pasted-notebook path: torchvision downloads MNIST (or finds its raw files) under root."""
+    try:
+        from torchvision import datasets
+
+        train = datasets.MNIST(str(root), train=True, download=True)
+        test = datasets.MNIST(str(root), train=False, download=True)
+    except Exception as e:
+        raise UsageError(
+            f"MNIST not found: no {NPZ_NAME} in {root} and torchvision could not download it "
+            f"({type(e).__name__}: {one_line(e)[:160]}); copy {NPZ_NAME} into --data-dir or run with network access"
+        ) from None
+    arrays = (train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy())
+    check_mnist_arrays(arrays[0], arrays[1], f"{root} [torchvision train]")
+    check_mnist_arrays(arrays[2], arrays[3], f"{root} [torchvision test]")
+    return arrays
+
+
+def find_npz(data_dir: str) -> Optional[Path]:
+    given = Path(data_dir)
+    candidates = [given] if given.suffix == ".npz" else [given / NPZ_NAME]
+    if data_dir == Config.data_dir:
+        # Run from another folder: fall back to the bundle next to the script (absent when pasted).
+        script = globals().get("__file__")
+        if script:
+            candidates.append(Path(script).resolve().parent / "data" / NPZ_NAME)
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def normalise(images: np.ndarray) -> Tensor:
+    x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+    return (x - MNIST_MEAN) / MNIST_STD
+
+
+def load_mnist(data_dir: str, device: torch.device, train_subset: Optional[int] = None) -> tuple[Split, Split]:
+    npz = find_npz(data_dir)
+    x_tr, y_tr, x_te, y_te = load_npz(npz) if npz else load_torchvision(Path(data_dir))
+    if train_subset is not None:
+        if train_subset > len(x_tr):
+            raise UsageError(f"--train-subset {train_subset} exceeds the {len(x_tr)} training images")
+        x_tr, y_tr = x_tr[:train_subset], y_tr[:train_subset]
+    as_split = lambda x, y: Split(normalise(x).to(device), torch.from_numpy(y.astype(np.int64)).to(device))
+    return as_split(x_tr, y_tr), as_split(x_te, y_te)
+
+
+def epoch_order(n: int, generators: Sequence[torch.Generator], device: torch.device) -> Tensor:
+    """One seeded permutation of the training set per trial: [trials, n]. Batches are slices."""
+    return torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
+
+
+# ==================================================================================================
+# Model: LeNet-300-100, many independent copies stacked into one network
+# ==================================================================================================
+
+LAYERS = ("fc1", "fc2", "fc3")
+DIMS = (784, 300, 100, 10)
+SHAPES = tuple((out, inp) for inp, out in zip(DIMS[:-1], DIMS[1:]))  # (out, in) per layer
+PRUNABLE = sum(o * i for o, i in SHAPES)  # 266,200 weights; the 410 biases are never pruned
+
+
+def default_init(generator: torch.Generator) -> list[Tensor]:
+    """One LeNet's [w1, w2, w3, b1, b2, b3] exactly as nn.Linear draws them (same generator state,
+    same numbers): kaiming_uniform(a=sqrt 5) weights, U(+-1/sqrt(fan_in)) biases."""
+    weights, biases = [], []
+    for out, inp in SHAPES:
+        w = torch.empty(out, inp)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+        b = torch.empty(out)
+        nn.init.uniform_(b, -1 / math.sqrt(inp), 1 / math.sqrt(inp), generator=generator)
+        weights.append(w)
+        biases.append(b)
+    return weights + biases
+
+
+def lenet_forward(x: Tensor, w: Sequence[Tensor], b: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """x [M,B,784] -> hidden activations h1 [M,B,300], h2 [M,B,100] and log-probabilities [M,B,10]."""
+    h1 = torch.baddbmm(b[0].unsqueeze(1), x, w[0].transpose(1, 2)).relu_()
+    h2 = torch.baddbmm(b[1].unsqueeze(1), h1, w[1].transpose(1, 2)).relu_()
+    logp = torch.baddbmm(b[2].unsqueeze(1), h2, w[2].transpose(1, 2)).log_softmax(-1)
+    return h1, h2, logp
+
+
+def nll(logp: Tensor, y: Tensor) -> Tensor:
+    """Per-sample cross-entropy [M,B] from log-probabilities [M,B,10] and labels [M,B]."""
+    return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def lenet_backward(x: Tensor, y: Tensor, w: Sequence[Tensor], h1: Tensor, h2: Tensor, logp: Tensor,
+                   dloss: Tensor | float, out: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
+    """Gradients [dw1, dw2, dw3, db1, db2, db3] of sum(dloss * per-sample loss): six batched
+    matmuls. Consumes logp. out: optional buffers for the weight gradients (saves allocations)."""
+    d3 = logp.exp_()  # dloss/dlogits = softmax - onehot
+    d3.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(d3[..., :1], -1.0))
+    d3.mul_(dloss.unsqueeze(-1) if isinstance(dloss, Tensor) else dloss)
+    d2 = torch.ops.aten.threshold_backward(torch.bmm(d3, w[2]), h2, 0)  # ReLU': 1 where h > 0
+    d1 = torch.ops.aten.threshold_backward(torch.bmm(d2, w[1]), h1, 0)
+    out = out or [None, None, None]
+    dw = [torch.bmm(d.transpose(1, 2), a, out=o) for d, a, o in zip((d1, d2, d3), (x, h1, h2), out)]
+    return dw + [d1.sum(1), d2.sum(1), d3.sum(1)]
+
+
+class _StackedLeNetLoss(torch.autograd.Function):
+    """The same maths behind autograd, for nn.DataParallel, which needs a differentiable forward."""
+
+    @staticmethod
+    def forward(ctx, x, y, w1, w2, w3, b1, b2, b3):
+        h1, h2, logp = lenet_forward(x, (w1, w2, w3), (b1, b2, b3))
+        ctx.save_for_backward(x, y, w2, w3, h1, h2, logp)
+        return nll(logp, y)
+
+    @staticmethod
+    def backward(ctx, dloss):
+        x, y, w2, w3, h1, h2, logp = ctx.saved_tensors
+        return (None, None, *lenet_backward(x, y, (None, w2, w3), h1, h2, logp.clone(), dloss))
+
+
+class LeNetStack(nn.Module):
+    """M independent LeNet-300-100s: weights [M, out, in], biases [M, out].
+
+    Members are grouped by trial (members_per_trial consecutive members share a trial's data).
+    Inputs are x [T, B, 784] and y [T, B], T = trials, or T = 1 for the same images for every
+    member; batch is dim 1, so nn.DataParallel(net, dim=1) splits batches, not members.
+    forward(x) gives log-probabilities [M, B, 10]; forward(x, y) per-sample losses [M, B] through autograd;
+    backprop(x, y) the same losses, with the gradients of their batch mean written to .grad
+    directly (no autograd: about 2x faster per step on CPU at these sizes)."""
+
+    def __init__(self, members: int, members_per_trial: int, device: torch.device):
+        super().__init__()
+        self.members_per_trial = members_per_trial
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.zeros(members, o, i, device=device)) for o, i in SHAPES]
+        )
+        self.biases = nn.ParameterList([nn.Parameter(torch.zeros(members, o, device=device)) for o, _ in SHAPES])
+
+    def per_member(self, t: Tensor) -> Tensor:
+        """[T, B, ...] -> [M, B, ...]: each trial's batch for each of its members (a view if T=1)."""
+        members = self.weights[0].shape[0]
+        per = members if t.shape[0] == 1 else self.members_per_trial
+        return t.unsqueeze(1).expand(t.shape[0], per, *t.shape[1:]).reshape(members, *t.shape[1:])
+
+    def forward(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        xm = self.per_member(x)
+        if y is None:
+            return lenet_forward(xm, self.weights, self.biases)[2]
+        return _StackedLeNetLoss.apply(xm, self.per_member(y), *self.weights, *self.biases)
+
+    @torch.no_grad()
+    def backprop(self, x: Tensor, y: Tensor) -> Tensor:
+        xm, ym = self.per_member(x), self.per_member(y)
+        h1, h2, logp = lenet_forward(xm, self.weights, self.biases)
+        losses = nll(logp, ym)
+        if self.weights[0].grad is None:
+            for p in self.parameters():
+                p.grad = torch.empty_like(p)
+        grads = lenet_backward(xm, ym, self.weights, h1, h2, logp, 1.0 / x.shape[1], [w.grad for w in self.weights])
+        for b, g in zip(self.biases, grads[3:]):
+            b.grad.copy_(g)
+        return losses
+
+    @torch.no_grad()
+    def load(self, params: Sequence[Tensor]) -> None:
+        for p, value in zip([*self.weights, *self.biases], params):
+            p.copy_(value)
+
+
+def unwrap(net: nn.Module) -> LeNetStack:
+    return net.module if isinstance(net, nn.DataParallel) else net
+
+
+def masked_fraction(masks: Sequence[Tensor]) -> float:
+    return sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+
+
+# ==================================================================================================
+# Pruning: global magnitude pruning with rewind to W0
+# ==================================================================================================
+
+
+def prune_count(surviving: int, rate: float) -> int:
+    """Weights removed this round: round(rate * surviving), as torch.nn.utils.prune counts."""
+    return round(rate * surviving)
+
+
+def surviving_schedule(total: int, rate: float, rounds: int) -> list[int]:
+    counts = [total]
+    for _ in range(rounds):
+        counts.append(counts[-1] - prune_count(counts[-1], rate))
+    return counts
+
+
+def global_magnitude_prune(weights: Sequence[Tensor], masks: Sequence[Tensor], rate: float) -> list[Tensor]:
+    """One network's new masks: drop the round(rate * surviving) smallest |w| among the survivors,
+    ranked across all layers together. Ties go by position (fc1 before fc2, row-major), so the
+    result is deterministic. Already-pruned weights score +inf and are never chosen again."""
+    scores = torch.cat([torch.where(m, w.abs(), torch.inf).flatten() for w, m in zip(weights, masks)])
+    flat = torch.cat([m.flatten() for m in masks])
+    k = prune_count(int(flat.sum()), rate)
+    flat[torch.sort(scores, stable=True).indices[:k]] = False
+    return [part.view_as(m) for part, m in zip(flat.split([m.numel() for m in masks]), masks)]
+
+
+def rewind(init: Sequence[Tensor], masks: Sequence[Tensor]) -> list[Tensor]:
+    """Weights reset to their initial values times the mask; biases reset, never masked."""
+    n = len(masks)
+    return [w * m for w, m in zip(init[:n], masks)] + [b.clone() for b in init[n:]]
+
+
+# ==================================================================================================
+# Training
+# ==================================================================================================
+
+
+class MaskedSGD:
+    """torch.optim.SGD's update (buf = momentum * buf + grad; w -= lr * buf), with every weight
+    gradient multiplied by its mask first. The masked gradient keeps a pruned weight, and its
+    momentum, exactly 0.0 for the whole round. Three fused passes over all members' parameters."""
+
+    def __init__(self, net: LeNetStack, masks: Sequence[Tensor], lr: float, momentum: float):
+        self.params = [*net.weights, *net.biases]
+        self.masks = list(masks)
+        self.lr, self.momentum = lr, momentum
+        self.bufs = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grads = [p.grad for p in self.params]
+        torch._foreach_mul_(grads[: len(self.masks)], self.masks)
+        torch._foreach_mul_(self.bufs, self.momentum)
+        torch._foreach_add_(self.bufs, grads)
+        torch._foreach_add_(self.params, self.bufs, alpha=-self.lr)
+
+
+def train_epoch(net: nn.Module, opt: MaskedSGD, train: Split, order: Tensor, batch_size: int) -> Tensor:
+    """One epoch for every member; returns the per-member mean training loss, still on device.
+    Nothing here reads a tensor back to the host, so GPU steps queue without waiting."""
+    stack = unwrap(net)
+    n = order.shape[1]
+    total = torch.zeros(stack.weights[0].shape[0], device=order.device)
+    for start in range(0, n, batch_size):
+        idx = order[:, start : start + batch_size]
+        if net is stack:
+            losses = stack.backprop(train.x[idx], train.y[idx])
+        else:  # nn.DataParallel: autograd splits the batch over GPUs and sums the gradients back
+            losses = net(train.x[idx], train.y[idx])
+            stack.zero_grad(set_to_none=True)
+            (losses.sum() / idx.shape[1]).backward()
+            losses = losses.detach()
+        opt.step()
+        total += losses.sum(1)
+    return total / n
+
+
+EVAL_CHUNK = 10_000
+
+
+@torch.inference_mode()
+def evaluate(net: nn.Module, data: Split) -> tuple[Tensor, Tensor]:
+    """Per-member mean cross-entropy and accuracy (%) on a whole split, on device."""
+    members = unwrap(net).weights[0].shape[0]
+    loss = torch.zeros(members, device=data.x.device)
+    correct = torch.zeros(members, device=data.x.device)
+    for start in range(0, len(data.y), EVAL_CHUNK):
+        x, y = data.x[start : start + EVAL_CHUNK], data.y[start : start + EVAL_CHUNK]
+        logp = net(x.unsqueeze(0))  # [M, b, 10]
+        target = y.expand(members, -1)
+        loss += nll(logp, target).sum(1)
+        correct += (logp.argmax(-1) == target).sum(1)
+    return loss / len(data.y), 100.0 * correct / len(data.y)
+
+
+# ==================================================================================================
+# Experiment: iterative magnitude pruning, a ticket and a control per trial, all stacked
+# ==================================================================================================
+
+VARIANTS = ("ticket", "control")
+
+
+@dataclass
+class Results:
+    rows: list[dict] = field(default_factory=list)  # results.csv
+    curves: list[dict] = field(default_factory=list)  # curves.csv
+    masks: list[list[list[Tensor]]] = field(default_factory=list)  # [round][trial][layer], bool, CPU
+
+
+def stack_members(per_member: Sequence[Sequence[Tensor]], device: torch.device) -> list[Tensor]:
+    return [torch.stack([m[i] for m in per_member]).to(device) for i in range(len(per_member[0]))]
+
+
+def layer_percentages(masks: Sequence[Tensor]) -> dict[str, float]:
+    pct = {f"{name}_pct": round(100.0 * float(m.float().mean()), 4) for name, m in zip(LAYERS, masks)}
+    return {"weights": sum(int(m.sum()) for m in masks), "weights_pct": round(100.0 * masked_fraction(masks), 4), **pct}
+
+
+def round_starts(w0: Sequence[Tensor], masks: Sequence[Tensor], control_gen: torch.Generator) -> list[list[Tensor]]:
+    """Starting parameters of one trial's members, in VARIANTS order: the ticket is W0 on the
+    mask; the control is a fresh draw from the same init on the same mask."""
+    return [rewind(w0, masks), rewind(default_init(control_gen), masks)]
+
+
+def run_experiment(cfg: Config, train: Split, test: Split, device: torch.device,
+                   on_round: Callable[[Results], None] = lambda results: None, progress: bool = True) -> Results:
+    trials, per = cfg.trials, len(VARIANTS)
+    members = trials * per
+    init_gens = [make_generator(cfg.seed, t, "init") for t in range(trials)]
+    control_gens = [make_generator(cfg.seed, t, "control") for t in range(trials)]
+    data_gens = [make_generator(cfg.seed, t, "data") for t in range(trials)]
+    w0 = [default_init(g) for g in init_gens]  # kept, not re-drawn: rewinding is a copy
+    masks = [[torch.ones(o, i, dtype=torch.bool) for o, i in SHAPES] for _ in range(trials)]
+
+    net: nn.Module = LeNetStack(members, per, device)
+    if cfg.data_parallel:
+        if device.type == "cuda" and torch.cuda.device_count() > 1:
+            net = nn.DataParallel(net, dim=1)
+        else:
+            warn("--data-parallel needs more than one visible GPU; training on one device")
+    stack = unwrap(net)
+
+    results = Results()
+    bar = tqdm(total=cfg.rounds + 1, desc="rounds", unit="round", disable=not progress, dynamic_ncols=True)
+    for rnd in range(cfg.rounds + 1):
+        if rnd > 0:
+            trained = stack.weights
+            masks = [
+                global_magnitude_prune([w[t * per].detach().cpu() for w in trained], masks[t], cfg.prune_rate)
+                for t in range(trials)
+            ]
+        starts = [s for t in range(trials) for s in round_starts(w0[t], masks[t], control_gens[t])]
+        stack.load(stack_members(starts, device))
+        grad_masks = [m.float() for m in stack_members([ms for ms in masks for _ in VARIANTS], device)]
+        opt = MaskedSGD(stack, grad_masks, cfg.lr, cfg.momentum)  # fresh optimiser state each round
+
+        for epoch in range(1, cfg.epochs + 1):
+            order = epoch_order(len(train.y), data_gens, device)
+            train_loss = train_epoch(net, opt, train, order, cfg.batch_size)
+            test_loss, test_acc = evaluate(net, test)
+            stats = torch.stack([train_loss, test_loss, test_acc]).cpu().tolist()  # one sync per epoch
+            for m in range(members):
+                results.curves.append(
+                    {"trial": m // per, "round": rnd, "variant": VARIANTS[m % per], "epoch": epoch,
+                     "train_loss": round(stats[0][m], 6), "test_loss": round(stats[1][m], 6),
+                     "test_acc": round(stats[2][m], 2)}
+                )
+        for m in range(members):
+            results.rows.append(
+                {"trial": m // per, "round": rnd, "variant": VARIANTS[m % per], **layer_percentages(masks[m // per]),
+                 "train_loss": round(stats[0][m], 6), "test_loss": round(stats[1][m], 6),
+                 "test_acc": round(stats[2][m], 2)}
+            )
+        results.masks.append([[m.clone() for m in ms] for ms in masks])
+        on_round(results)
+        accs = {v: np.mean(stats[2][i::per]) for i, v in enumerate(VARIANTS)}
+        bar.set_postfix(weights=f"{100 * masked_fraction(masks[0]):.2f}%", **{v: f"{a:.2f}" for v, a in accs.items()})
+        bar.update()
+    bar.close()
+    return results
+
+
+# ==================================================================================================
+# Outputs: tidy CSVs, masks, plots, summary, all written atomically
+# ==================================================================================================
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def warn(message: str) -> None:
+    print(f"lot_improved: warning: {message}", file=sys.stderr)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) then rename over path: readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_tables(results: Results, out: Path) -> None:
+    atomic_write(out / "results.csv", lambda tmp: pd.DataFrame(results.rows).to_csv(tmp, index=False))
+    atomic_write(out / "curves.csv", lambda tmp: pd.DataFrame(results.curves).to_csv(tmp, index=False))
+    atomic_write(out / "masks.pt", lambda tmp: torch.save(masks_payload(results.masks), tmp))
+
+
+def masks_payload(masks: list[list[list[Tensor]]]) -> dict[str, Tensor]:
+    """{"fc1": bool [trials, rounds+1, 300, 784], "fc2": [.., 100, 300], "fc3": [.., 10, 100]}."""
+    return {
+        name: torch.stack([torch.stack([masks[r][t][i] for r in range(len(masks))]) for t in range(len(masks[0]))])
+        for i, name in enumerate(LAYERS)
+    }
+
+
+def summary_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per round: weights remaining, ticket and control accuracy (mean, sd), paired delta."""
+    wide = rows.pivot_table(index=["round", "trial"], columns="variant", values="test_acc").reset_index()
+    wide["delta"] = wide["ticket"] - wide["control"]
+    pct = rows[rows.variant == "ticket"].groupby("round")["weights_pct"].mean()
+    stats = wide.groupby("round")[["ticket", "control", "delta"]].agg(["mean", "std"])
+    stats.columns = [f"{a}_{b}" for a, b in stats.columns]
+    return stats.assign(weights_pct=pct).reset_index()
+
+
+def summary_markdown(rows: pd.DataFrame) -> str:
+    table = summary_frame(rows)
+    trials = rows.trial.nunique()
+    fmt = (lambda m, s: f"{m:.2f}") if trials == 1 else (lambda m, s: f"{m:.2f} ± {s:.2f}")
+    lines = ["| Round | Weights Remaining | Ticket | Control | Delta |", "|---:|---:|---:|---:|---:|"]
+    for r in table.itertuples():
+        lines.append(
+            f"| {r.round} | {r.weights_pct:.2f}% | {fmt(r.ticket_mean, r.ticket_std)} | "
+            f"{fmt(r.control_mean, r.control_std)} | {'+' if r.delta_mean >= 0 else ''}{fmt(r.delta_mean, r.delta_std)} |"
+        )
+    note = (f"Test accuracy (%) after the last epoch of each round; mean ± sd over {trials} trials, "
+            "delta paired within trials." if trials > 1 else "Test accuracy (%) after the last epoch of each round.")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def plot_accuracy(rows: pd.DataFrame, path: Path) -> None:
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=150)
+    ax = fig.add_subplot()
+    many = rows.trial.nunique() > 1
+    with sns.axes_style("whitegrid"):
+        sns.lineplot(data=rows, x="weights_pct", y="test_acc", hue="variant", hue_order=list(VARIANTS),
+                     marker="o", errorbar="sd" if many else None, ax=ax)
+    ax.set_xscale("log")
+    ax.set_xlim(100 * 1.15, rows.weights_pct.min() / 1.15)  # reversed: sparser to the right
+    ax.set_xlabel("weights remaining (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    spread = f", mean ± sd over {rows.trial.nunique()} trials" if many else ""
+    ax.set_title(f"LeNet-300-100 on MNIST: winning ticket vs random reinit{spread}", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp))
+
+
+def plot_layers(rows: pd.DataFrame, path: Path) -> None:
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    tickets = rows[rows.variant == "ticket"]
+    long = tickets.melt(id_vars=["trial", "round"], value_vars=[f"{n}_pct" for n in LAYERS] + ["weights_pct"],
+                        var_name="layer", value_name="pct")
+    long["layer"] = long.layer.str.replace("_pct", "").replace({"weights": "overall"})
+    fig = Figure(figsize=(7, 4.5), dpi=150)
+    ax = fig.add_subplot()
+    sns.lineplot(data=long, x="round", y="pct", hue="layer", marker="o", errorbar="sd", ax=ax)
+    ax.set_yscale("log")
+    ax.set_xlabel("pruning round")
+    ax.set_ylabel("weights remaining (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title("Global pruning strips fc1 first and spares the output layer", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp))
+
+
+def in_notebook() -> bool:
+    shell = sys.modules.get("IPython")
+    return bool(shell and getattr(shell, "get_ipython", lambda: None)())
+
+
+def show_inline(paths: Sequence[Path]) -> None:
+    if in_notebook():
+        from IPython.display import Image, display
+
+        for p in paths:
+            display(Image(filename=str(p)))
+
+
+def environment() -> dict[str, Any]:
+    return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
+            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def write_config(cfg: Config, device: torch.device, out: Path, **extra: Any) -> None:
+    payload = {"config": dataclasses.asdict(cfg), "device": str(device), **environment(), **extra}
+    write_text(out / "config.json", json.dumps(payload, indent=2) + "\n")
+
+
+def write_outputs(results: Results, out: Path) -> tuple[str, list[Path]]:
+    rows = pd.DataFrame(results.rows)
+    summary = summary_markdown(rows)
+    write_text(out / "summary.md", summary)
+    figures = [out / "graph_improved.png", out / "layers.png"]
+    plot_accuracy(rows, figures[0])
+    plot_layers(rows, figures[1])
+    return summary, figures
+
+
+def prepare_out(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {path} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {path} is not writable ({e.strerror or one_line(e)})") from None
+    return out
+
+
+# ==================================================================================================
+# CLI and main
+# ==================================================================================================
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage + error; users get one line
+        print(f"lot_improved: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lot_improved.py", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"float": float, "int": int, "str": str, "Optional[int]": int}[str(f.type)]
+            parser.add_argument(flag, type=kind, default=f.default, metavar=f.name.upper(), help=f.metadata["help"])
+    return parser
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # e.g. the `-f kernel.json` a notebook kernel passes
+        warn(f"ignoring unrecognised arguments: {' '.join(unknown)}")
+    return Config(**vars(args))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point. argv defaults to sys.argv[1:]; returns the exit code instead of exiting."""
+    started = time.perf_counter()
+    try:
+        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        validate(cfg)
+        device = resolve_device(cfg.device)
+        train, test = load_mnist(cfg.data_dir, device, cfg.train_subset)
+        out = prepare_out(cfg.out)
+    except UsageError as e:
+        print(f"lot_improved: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2)
+        return int(e.code or 0)
+
+    write_config(cfg, device, out, status="running")
+    print(f"lot_improved: {cfg.trials} trial(s) x {len(VARIANTS)} variants, {cfg.rounds + 1} rounds x "
+          f"{cfg.epochs} epochs on {len(train.y)} images, device {device}, writing to {out}/", file=sys.stderr)
+    finished: list[Results] = []
+
+    def checkpoint_round(results: Results) -> None:  # finished rounds survive an interrupt
+        write_tables(results, out)
+        finished[:] = [results]
+
+    try:
+        results = run_experiment(cfg, train, test, device, on_round=checkpoint_round)
+    except KeyboardInterrupt:
+        done = len(finished[0].masks) if finished else 0
+        if finished:
+            write_outputs(finished[0], out)
+        write_config(cfg, device, out, status="interrupted", rounds_finished=done,
+                     wall_time_s=round(time.perf_counter() - started, 1))
+        print(f"\nlot_improved: interrupted; {done} finished round(s) written to {out}/", file=sys.stderr)
+        return 130
+    summary, figures = write_outputs(results, out)
+    wall = time.perf_counter() - started
+    write_config(cfg, device, out, status="finished", wall_time_s=round(wall, 1))
+    print("\n" + summary)
+    print(f"lot_improved: finished in {wall / 60:.1f} min; outputs in {out}/", file=sys.stderr)
+    show_inline(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    _code = main()
+    if _code and not in_notebook():  # a notebook cell must not raise SystemExit
+        sys.exit(_code)

@@ -1,0 +1,42 @@
+"""Shared fixtures: the script under test, real MNIST from data/, and small synthetic data."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import lot_improved as lot  # noqa: E402
+
+SCRIPT = ROOT / "lot_improved.py"
+MNIST_NPZ = ROOT / "data" / "mnist.npz"
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """Real MNIST on CPU: (train, test) Splits."""
+    return lot.load_mnist(str(ROOT / "data"), torch.device("cpu"))
+
+
+def synthetic_arrays(n_train: int = 120, n_test: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "x_train": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "y_train": rng.integers(0, 10, n_train).astype(np.uint8),
+        "x_test": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "y_test": rng.integers(0, 10, n_test).astype(np.uint8),
+    }
+
+
+@pytest.fixture
+def synthetic_npz(tmp_path):
+    path = tmp_path / "data" / "mnist.npz"
+    path.parent.mkdir()
+    np.savez(path, **synthetic_arrays())
+    return path
