@@ -469,6 +469,13 @@ def round_starts(w0: Sequence[Tensor], masks: Sequence[Tensor], control_gen: tor
     return [rewind(w0, masks), rewind(default_init(control_gen), masks)]
 
 
+def last_accuracies(test_acc: Sequence[float], masks: Sequence[Tensor]) -> dict[str, str]:
+    """Progress-bar postfix: weights remaining and each variant's test accuracy, mean of trials."""
+    per = len(VARIANTS)
+    accs = {v: f"{np.mean(test_acc[i::per]):.2f}" for i, v in enumerate(VARIANTS)}
+    return {"weights": f"{100 * masked_fraction(masks):.2f}%", **accs}
+
+
 def run_experiment(cfg: Config, train: Split, test: Split, device: torch.device,
                    on_round: Callable[[Results], None] = lambda results: None, progress: bool = True) -> Results:
     trials, per = cfg.trials, len(VARIANTS)
@@ -506,6 +513,7 @@ def run_experiment(cfg: Config, train: Split, test: Split, device: torch.device,
             train_loss = train_epoch(net, opt, train, order, cfg.batch_size)
             test_loss, test_acc = evaluate(net, test)
             stats = torch.stack([train_loss, test_loss, test_acc]).cpu().tolist()  # one sync per epoch
+            bar.set_postfix({"round": rnd, "epoch": f"{epoch}/{cfg.epochs}", **last_accuracies(stats[2], masks[0])})
             for m in range(members):
                 results.curves.append(
                     {"trial": m // per, "round": rnd, "variant": VARIANTS[m % per], "epoch": epoch,
@@ -520,8 +528,6 @@ def run_experiment(cfg: Config, train: Split, test: Split, device: torch.device,
             )
         results.masks.append([[m.clone() for m in ms] for ms in masks])
         on_round(results)
-        accs = {v: np.mean(stats[2][i::per]) for i, v in enumerate(VARIANTS)}
-        bar.set_postfix(weights=f"{100 * masked_fraction(masks[0]):.2f}%", **{v: f"{a:.2f}" for v, a in accs.items()})
         bar.update()
     bar.close()
     return results

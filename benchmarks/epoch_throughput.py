@@ -1,0 +1,125 @@
+"""One epoch of ticket + control: the stacked engine against the usual way, timed in the same run.
+
+The reference is how a lottery-ticket script is usually written: a torchvision MNIST dataset with
+ToTensor/Normalize, DataLoader(batch_size=60, shuffle=True), an nn.Sequential LeNet-300-100,
+torch.optim.SGD, and the weights multiplied by their mask after every step, run once for the
+ticket and once for the control. The engine trains both members as one stacked network on
+device-resident tensors (lot_improved.train_epoch). Prints both times and the ratio.
+
+    python benchmarks/epoch_throughput.py                 # full epoch (1000 steps), CPU
+    python benchmarks/epoch_throughput.py --steps 200     # quicker, fewer steps
+    python benchmarks/epoch_throughput.py --device cuda --json results/benchmark_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import lot_improved as lot  # noqa: E402
+
+
+def write_idx_files(npz: Path, root: Path) -> None:
+    """torchvision's MNIST reads the raw IDX files; make them from the bundled npz (no network)."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    with np.load(npz) as f:
+        for name, key in [("train-images-idx3-ubyte", "x_train"), ("train-labels-idx1-ubyte", "y_train"),
+                          ("t10k-images-idx3-ubyte", "x_test"), ("t10k-labels-idx1-ubyte", "y_test")]:
+            a = f[key]
+            header = struct.pack(">IIII", 2051, *a.shape) if a.ndim == 3 else struct.pack(">II", 2049, len(a))
+            (raw / name).write_bytes(header + a.astype(np.uint8).tobytes())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reference_epoch(root: Path, device: torch.device, steps: int, seed: int) -> float:
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((lot.MNIST_MEAN,), (lot.MNIST_STD,))])
+    dataset = datasets.MNIST(str(root), train=True, download=False, transform=tf)
+    elapsed = 0.0
+    for variant in range(2):  # ticket, then control: two separate trainings
+        torch.manual_seed(seed + variant)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+                              nn.Linear(100, 10)).to(device)
+        layers = [m for m in model if isinstance(m, nn.Linear)]
+        masks = [torch.ones_like(layer.weight) for layer in layers]
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=60, shuffle=True)
+        sync(device)
+        start = time.perf_counter()
+        for step, (x, y) in enumerate(loader):
+            if step == steps:
+                break
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            with torch.no_grad():
+                for layer, mask in zip(layers, masks):
+                    layer.weight.mul_(mask)
+        sync(device)
+        elapsed += time.perf_counter() - start
+    return elapsed
+
+
+def engine_epoch(npz: Path, device: torch.device, steps: int, seed: int) -> float:
+    train, _ = lot.load_mnist(str(npz), device)
+    net = lot.LeNetStack(2, 2, device)
+    net.load(lot.stack_members([lot.default_init(torch.Generator().manual_seed(seed + v)) for v in range(2)], device))
+    opt = lot.MaskedSGD(net, [torch.ones_like(w) for w in net.weights], lr=0.01, momentum=0.9)
+    order = lot.epoch_order(len(train.y), [torch.Generator().manual_seed(seed)], device)
+    lot.train_epoch(net, opt, train, order[:, : 20 * 60], 60)  # warm-up (allocator, kernels)
+    sync(device)
+    start = time.perf_counter()
+    lot.train_epoch(net, opt, train, order[:, : steps * 60], 60)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=1000, help="steps per member (1000 = one epoch)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--npz", default=str(ROOT / "data" / "mnist.npz"), help="MNIST npz")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    if not 1 <= args.steps <= 1000:
+        parser.error("--steps must be in 1..1000")
+    device = lot.resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_idx_files(Path(args.npz), Path(tmp))
+        reference = reference_epoch(Path(tmp), device, args.steps, args.seed)
+    engine = engine_epoch(Path(args.npz), device, args.steps, args.seed)
+    ratio = reference / engine
+    env = lot.environment()
+    print(f"device {device} ({env['cuda_device'] or env['processor']}, {env['cpu_threads']} threads), "
+          f"torch {env['torch']}, {args.steps} steps of batch 60, ticket + control")
+    print(f"reference (DataLoader + nn.Sequential x2): {reference:8.3f} s  ({1e3 * reference / args.steps:.3f} ms/step)")
+    print(f"engine (stacked, device tensors):         {engine:8.3f} s  ({1e3 * engine / args.steps:.3f} ms/step)")
+    print(f"ratio reference / engine:                 {ratio:8.2f}x")
+    if args.json:
+        payload = {"device": str(device), **env, "steps": args.steps, "reference_s": round(reference, 3),
+                   "engine_s": round(engine, 3), "ratio": round(ratio, 2)}
+        lot.write_text(Path(args.json), json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The command line, as users run it: every output of a tiny real run, determinism, bad input,
+and the pasted-notebook entry point."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, SCRIPT, lot
+
+TINY = ["--train-subset", "600", "--rounds", "2", "--epochs", "2"]
+
+
+def run_cli(*args, cwd=ROOT):
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    proc = run_cli(*TINY, "--trials", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_tiny_run_writes_every_output_and_nothing_half_written(tiny_run):
+    out, _ = tiny_run
+    expected = {"results.csv", "curves.csv", "masks.pt", "graph_improved.png", "layers.png", "summary.md",
+                "config.json"}
+    assert {p.name for p in out.iterdir()} == expected  # no temp files left behind
+    for png in ("graph_improved.png", "layers.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_csv_has_one_row_per_trial_round_variant_with_exact_weight_counts(tiny_run):
+    rows = pd.read_csv(tiny_run[0] / "results.csv")
+    assert list(rows.columns) == ["trial", "round", "variant", "weights", "weights_pct", "fc1_pct", "fc2_pct",
+                                  "fc3_pct", "train_loss", "test_loss", "test_acc"]
+    assert len(rows) == 2 * 3 * 2 and not rows.duplicated(["trial", "round", "variant"]).any()
+    assert sorted(rows.weights.unique(), reverse=True) == [266200, 212960, 170368]
+    assert rows.weights_pct.round(2).tolist().count(64.0) == 4
+    dense = rows[rows["round"] == 0]
+    assert (dense[["fc1_pct", "fc2_pct", "fc3_pct"]] == 100.0).all().all()
+    per_round = rows.groupby(["trial", "round"]).agg(lambda c: c.nunique())
+    assert (per_round[["weights", "fc1_pct"]] == 1).all().all()  # ticket and control share the mask
+    assert rows.test_acc.between(0, 100).all() and (rows.test_acc > 30).all()  # chance is 10%
+
+
+def test_curves_csv_has_every_epoch_and_ends_where_results_csv_reports(tiny_run):
+    out = tiny_run[0]
+    curves, rows = pd.read_csv(out / "curves.csv"), pd.read_csv(out / "results.csv")
+    assert list(curves.columns) == ["trial", "round", "variant", "epoch", "train_loss", "test_loss", "test_acc"]
+    assert len(curves) == 2 * 3 * 2 * 2
+    last = curves[curves.epoch == 2].merge(rows, on=["trial", "round", "variant"], suffixes=("", "_final"))
+    assert (last.test_acc == last.test_acc_final).all()
+
+
+def test_masks_pt_loads_safely_and_matches_the_reported_counts(tiny_run):
+    out = tiny_run[0]
+    masks = torch.load(out / "masks.pt", weights_only=True)
+    rows = pd.read_csv(out / "results.csv")
+    assert set(masks) == {"fc1", "fc2", "fc3"}
+    assert masks["fc1"].shape == (2, 3, 300, 784) and masks["fc3"].shape == (2, 3, 10, 100)
+    assert all(m.dtype == torch.bool for m in masks.values())
+    for t in range(2):
+        for r in range(3):
+            kept = sum(int(masks[name][t, r].sum()) for name in ("fc1", "fc2", "fc3"))
+            assert kept == rows[(rows.trial == t) & (rows["round"] == r)].weights.iloc[0]
+            if r:
+                assert not (masks["fc1"][t, r] & ~masks["fc1"][t, r - 1]).any()
+    assert not torch.equal(masks["fc1"][0, 2], masks["fc1"][1, 2])  # trials are independent
+
+
+def test_summary_and_console_show_the_table_with_spread_over_trials(tiny_run):
+    out, proc = tiny_run
+    summary = (out / "summary.md").read_text()
+    assert summary.splitlines()[0] == "| Round | Weights Remaining | Ticket | Control | Delta |"
+    assert "| 2 | 64.00% |" in summary and "±" in summary
+    assert summary.split("\n\n")[0] in proc.stdout
+
+
+def test_config_json_records_every_setting_and_the_environment(tiny_run):
+    cfg = json.loads((tiny_run[0] / "config.json").read_text())
+    assert cfg["config"]["trials"] == 2 and cfg["config"]["train_subset"] == 600
+    assert set(cfg["config"]) == {f.name for f in lot.dataclasses.fields(lot.Config)}
+    assert cfg["torch"] == torch.__version__ and cfg["device"] == "cpu"
+    assert cfg["status"] == "finished" and cfg["wall_time_s"] > 0
+
+
+def test_same_seed_twice_gives_identical_results_and_another_seed_does_not(tmp_path):
+    outs = [tmp_path / name for name in ("a", "b", "c")]
+    for out, seed in zip(outs, (5, 5, 6)):
+        assert lot.main([*TINY, "--rounds", "1", "--seed", str(seed), "--out", str(out)]) == 0
+    a, b, c = ((o / "results.csv").read_bytes() for o in outs)
+    assert a == b and (outs[0] / "curves.csv").read_bytes() == (outs[1] / "curves.csv").read_bytes()
+    assert a != c
+
+
+def test_help_documents_every_flag():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for f in lot.dataclasses.fields(lot.Config):
+        assert "--" + f.name.replace("_", "-") in proc.stdout
+        assert f.metadata["help"].split()[0] in proc.stdout
+
+
+BAD_INPUTS = {
+    "prune rate 0": ["--prune-rate", "0"],
+    "prune rate 1": ["--prune-rate", "1"],
+    "prune rate 1.5": ["--prune-rate", "1.5"],
+    "rounds 0": ["--rounds", "0"],
+    "epochs -1": ["--epochs", "-1"],
+    "batch size 0": ["--batch-size", "0"],
+    "trials 0": ["--trials", "0"],
+    "subset 0": ["--train-subset", "0"],
+    "subset too large": ["--train-subset", "60001"],
+    "epochs not a number": ["--epochs", "many"],
+    "lr nan": ["--lr", "nan"],
+    "unknown device": ["--device", "tpu"],
+    "bad cuda index": ["--device", "cuda:x"],
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gets_one_line_exit_2_and_out_untouched(case, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert lot.main([*BAD_INPUTS[case], "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lot_improved: error:"), err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_but_absent(tmp_path, capsys):
+    assert lot.main(["--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_out_pointing_to_a_file_or_an_unwritable_place_is_refused(tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    assert lot.main([*TINY, "--out", str(target)]) == 2
+    assert target.read_text() == "keep me"
+    assert lot.main([*TINY, "--out", "/proc/lot_improved_out"]) == 2  # not writable, even for root
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "is a file" in err[0] and "not writable" in err[1]
+
+
+def test_bad_input_from_the_shell_prints_no_traceback(tmp_path):
+    proc = run_cli("--rounds", "0", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    proc = run_cli("--epochs", "x", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--epochs" in proc.stderr
+
+
+def test_notebook_kernel_arguments_are_ignored_with_one_warning(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/share/jupyter/kernel-1.json"])
+    assert lot.parse_config() == lot.Config()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lot_improved: warning: ignoring unrecognised arguments: -f /root/.local/share/jupyter/kernel-1.json"]
+
+
+def test_pasted_into_a_notebook_cell_it_runs_shows_plots_and_never_raises_system_exit(tmp_path, monkeypatch):
+    # A notebook cell: no __file__, __name__ == "__main__", a live IPython, kernel args in sys.argv.
+    import types
+
+    shown = []
+    ipython = types.ModuleType("IPython")
+    ipython.get_ipython = lambda: object()
+    display = types.ModuleType("IPython.display")
+    display.Image = lambda filename: filename
+    display.display = shown.append
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    monkeypatch.setitem(sys.modules, "IPython.display", display)
+    out = tmp_path / "nb"
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "k.json", *TINY, "--rounds", "1",
+                                      "--data-dir", str(ROOT / "data"), "--out", str(out)])
+    exec(compile(SCRIPT.read_text(), "<cell>", "exec"), {"__name__": "__main__"})
+    assert (out / "results.csv").exists()
+    assert shown == [str(out / "graph_improved.png"), str(out / "layers.png")]
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "k.json", "--rounds", "0"])
+    exec(compile(SCRIPT.read_text(), "<cell>", "exec"), {"__name__": "__main__"})  # exit 2, but no SystemExit
+
+
+def test_run_from_another_folder_finds_the_bundled_data(tmp_path):
+    proc = run_cli(*TINY, "--rounds", "1", "--epochs", "1", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "o" / "results.csv").exists()
+
+
+def test_readme_flags_table_lists_exactly_the_cli_flags_with_their_defaults():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("### Flags")[1].split("\n\n")[1]
+    documented = {line.split("`")[1]: line.split("|")[2].strip() for line in table.splitlines()[2:]}
+    flags = {"--" + f.name.replace("_", "-"): f.default for f in lot.dataclasses.fields(lot.Config)}
+    assert set(documented) == set(flags)
+    for flag, default in flags.items():
+        if isinstance(default, (int, float, str)) and not isinstance(default, bool):
+            assert documented[flag] == str(default), flag

@@ -1,0 +1,90 @@
+"""Data: the bundled MNIST is the real one, wrong files are refused, the torchvision path works offline
+when its files are there and fails with one helpful line when they are not."""
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MNIST_NPZ, lot, synthetic_arrays
+
+
+def test_bundled_npz_is_real_mnist_normalised_with_the_standard_constants(mnist):
+    train, test = mnist
+    assert train.x.shape == (60_000, 784) and test.x.shape == (10_000, 784)
+    assert torch.bincount(train.y).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert torch.bincount(test.y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert abs(train.x.mean().item()) < 1e-3 and abs(train.x.std().item() - 1.0) < 1e-3
+
+
+def test_train_subset_takes_the_first_n_images(tmp_path):
+    train, test = lot.load_mnist(str(MNIST_NPZ.parent), torch.device("cpu"), 500)
+    with np.load(MNIST_NPZ) as f:
+        first = f["y_train"][:500]
+    assert len(train.y) == 500 and torch.equal(train.y, torch.from_numpy(first.astype(np.int64)))
+    assert len(test.y) == 10_000
+
+
+def test_data_dir_may_name_the_npz_itself(synthetic_npz):
+    train, _ = lot.load_mnist(str(synthetic_npz), torch.device("cpu"))
+    assert len(train.y) == 120
+
+
+def write_idx(folder, arrays):
+    raw = folder / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name, key in [("train-images-idx3-ubyte", "x_train"), ("train-labels-idx1-ubyte", "y_train"),
+                      ("t10k-images-idx3-ubyte", "x_test"), ("t10k-labels-idx1-ubyte", "y_test")]:
+        a = arrays[key]
+        header = struct.pack(">IIII", 2051, *a.shape) if a.ndim == 3 else struct.pack(">II", 2049, len(a))
+        (raw / name).write_bytes(header + a.tobytes())
+
+
+def test_without_npz_torchvision_reads_mnist_from_data_dir(tmp_path):
+    arrays = synthetic_arrays(n_train=90, n_test=30, seed=4)
+    write_idx(tmp_path, arrays)
+    train, test = lot.load_mnist(str(tmp_path), torch.device("cpu"))
+    assert torch.equal(train.y, torch.from_numpy(arrays["y_train"].astype(np.int64)))
+    torch.testing.assert_close(test.x, lot.normalise(arrays["x_test"]))
+
+
+def test_no_npz_and_no_network_names_both_remedies(tmp_path, monkeypatch, capsys):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://...,\ngot: Name not known")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    out = tmp_path / "out"
+    assert lot.main(["--data-dir", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "mnist.npz" in err[0] and "--data-dir" in err[0] and "network" in err[0]
+    assert not out.exists()
+
+
+BAD_FILES = {
+    "corrupt bytes": lambda p: p.write_bytes(b"PK\x03\x04 this is no zip archive" * 10),
+    "empty file": lambda p: p.write_bytes(b""),
+    "truncated archive": lambda p: p.write_bytes(MNIST_NPZ.read_bytes()[:50_000]),
+    "missing key": lambda p: np.savez(p, **{k: v for k, v in synthetic_arrays().items() if k != "y_test"}),
+    "flat images": lambda p: np.savez(p, **{**synthetic_arrays(), "x_train": np.zeros((120, 784), np.uint8)}),
+    "float images": lambda p: np.savez(p, **{**synthetic_arrays(), "x_test": np.zeros((40, 28, 28))}),
+    "label 10": lambda p: np.savez(p, **{**synthetic_arrays(), "y_train": np.full(120, 10, np.uint8)}),
+    "negative label": lambda p: np.savez(p, **{**synthetic_arrays(), "y_test": np.full(40, -1, np.int64)}),
+    "length mismatch": lambda p: np.savez(p, **{**synthetic_arrays(), "y_train": np.zeros(7, np.uint8)}),
+    "no images": lambda p: np.savez(p, **synthetic_arrays(n_train=0)),
+    "pickled object": lambda p: np.savez(p, **{**synthetic_arrays(), "y_test": np.array([{"a": 1}], dtype=object)}),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_a_bad_data_file_gets_one_line_and_exit_2_with_out_untouched(case, tmp_path, capsys):
+    path = tmp_path / "mnist.npz"
+    BAD_FILES[case](path)
+    out = tmp_path / "out"
+    assert lot.main(["--data-dir", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lot_improved: error:") and "mnist.npz" in err[0], err
+    assert not out.exists()
