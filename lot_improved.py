@@ -26,13 +26,20 @@ the committed run's table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
 import platform
+import pickle
 import re
+import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -82,6 +89,13 @@ class Config:
     data_parallel: bool = field(
         default=False, metadata={"help": "wrap the network in nn.DataParallel across all visible GPUs"}
     )
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an earlier run's files in --out"})
+
+
+# Settings that may differ when resuming: they change where files go or how the work is spread,
+# not what is computed (a different device changes only the last bits; resuming warns).
+RESUME_NEUTRAL = ("out", "data_dir", "device", "data_parallel", "resume", "overwrite")
 
 
 class UsageError(Exception):
@@ -102,6 +116,8 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"--momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.seed < 0:
         raise UsageError(f"--seed must be non-negative, got {cfg.seed}")
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume continues the run in --out, --overwrite replaces it: choose one")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -204,15 +220,32 @@ def normalise(images: np.ndarray) -> Tensor:
     return (x - MNIST_MEAN) / MNIST_STD
 
 
-def load_mnist(data_dir: str, device: torch.device, train_subset: Optional[int] = None) -> tuple[Split, Split]:
+def load_mnist_arrays(data_dir: str) -> tuple[np.ndarray, ...]:
+    """(x_train, y_train, x_test, y_test) as uint8 arrays, checked: the bundle, else torchvision."""
     npz = find_npz(data_dir)
-    x_tr, y_tr, x_te, y_te = load_npz(npz) if npz else load_torchvision(Path(data_dir))
+    return load_npz(npz) if npz else load_torchvision(Path(data_dir))
+
+
+def fingerprint(arrays: Sequence[np.ndarray]) -> str:
+    """sha256 of the arrays: a resumed run must train on the same data, wherever it lives now."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def to_splits(arrays: Sequence[np.ndarray], device: torch.device, train_subset: Optional[int] = None) -> tuple[Split, Split]:
+    x_tr, y_tr, x_te, y_te = arrays
     if train_subset is not None:
         if train_subset > len(x_tr):
             raise UsageError(f"--train-subset {train_subset} exceeds the {len(x_tr)} training images")
         x_tr, y_tr = x_tr[:train_subset], y_tr[:train_subset]
     as_split = lambda x, y: Split(normalise(x).to(device), torch.from_numpy(y.astype(np.int64)).to(device))
     return as_split(x_tr, y_tr), as_split(x_te, y_te)
+
+
+def load_mnist(data_dir: str, device: torch.device, train_subset: Optional[int] = None) -> tuple[Split, Split]:
+    return to_splits(load_mnist_arrays(data_dir), device, train_subset)
 
 
 def epoch_order(n: int, generators: Sequence[torch.Generator], device: torch.device) -> Tensor:
@@ -394,6 +427,12 @@ class MaskedSGD:
         self.bufs = [torch.zeros_like(p) for p in self.params]
 
     @torch.no_grad()
+    def reset(self) -> None:
+        """A fresh optimiser for a new round: zero momentum."""
+        for b in self.bufs:
+            b.zero_()
+
+    @torch.no_grad()
     def step(self) -> None:
         grads = [p.grad for p in self.params]
         torch._foreach_mul_(grads[: len(self.masks)], self.masks)
@@ -402,14 +441,19 @@ class MaskedSGD:
         torch._foreach_add_(self.params, self.bufs, alpha=-self.lr)
 
 
-def train_epoch(net: nn.Module, opt: MaskedSGD, train: Split, order: Tensor, batch_size: int) -> Tensor:
-    """One epoch for every member; returns the per-member mean training loss, still on device.
-    Nothing here reads a tensor back to the host, so GPU steps queue without waiting."""
+def train_epoch(net: nn.Module, opt: MaskedSGD, train: Split, order: Tensor, batch_size: int, first_step: int = 0,
+                loss_sum: Optional[Tensor] = None, stop: Callable[[], bool] = lambda: False) -> tuple[Tensor, int]:
+    """Steps first_step.. of one epoch (batches are slices of order [trials, n]) for every member.
+
+    Returns the per-member sum of training losses (added to loss_sum) and the next step: the
+    epoch's step count, or fewer if stop() asked to pause. Nothing here reads a tensor back to
+    the host, so GPU steps queue without waiting."""
     stack = unwrap(net)
     n = order.shape[1]
-    total = torch.zeros(stack.weights[0].shape[0], device=order.device)
-    for start in range(0, n, batch_size):
-        idx = order[:, start : start + batch_size]
+    steps = math.ceil(n / batch_size)
+    total = torch.zeros(stack.weights[0].shape[0], device=order.device) if loss_sum is None else loss_sum
+    for step in range(first_step, steps):
+        idx = order[:, step * batch_size : (step + 1) * batch_size]
         if net is stack:
             losses = stack.backprop(train.x[idx], train.y[idx])
         else:  # nn.DataParallel: autograd splits the batch over GPUs and sums the gradients back
@@ -419,7 +463,9 @@ def train_epoch(net: nn.Module, opt: MaskedSGD, train: Split, order: Tensor, bat
             losses = losses.detach()
         opt.step()
         total += losses.sum(1)
-    return total / n
+        if stop():
+            return total, step + 1
+    return total, steps
 
 
 EVAL_CHUNK = 10_000
@@ -447,11 +493,60 @@ def evaluate(net: nn.Module, data: Split) -> tuple[Tensor, Tensor]:
 VARIANTS = ("ticket", "control")
 
 
+NEVER = torch.iinfo(torch.int32).max  # pruned_at of a weight that is still alive
+
+
 @dataclass
-class Results:
+class RunState:
+    """Everything a run needs to continue exactly where it stopped; a checkpoint is this on disk.
+
+    (round, epoch, step) is the next step to take; epoch 1 step 0 means the round has not begun
+    (its pruning and rewind are still to do). Masks nest, so one integer per weight, the round it
+    was pruned in, stores every round's mask: mask of round r = pruned_at > r."""
+
+    round: int
+    epoch: int
+    step: int
+    w0: list[Tensor]  # per parameter [trials, ...]: each trial's W0 (kept: rewinding is a copy)
+    pruned_at: list[Tensor]  # per layer [trials, out, in] int32
+    control_rng: list[Tensor]  # generator states of the control draws
+    data_rng: list[Tensor]  # generator states of the data order, at the start of the current epoch
+    params: list[Tensor] = field(default_factory=list)  # per parameter [members, ...]: current weights
+    momentum: list[Tensor] = field(default_factory=list)  # the optimiser's buffers, like params
+    loss_sum: Optional[Tensor] = None  # training-loss sum of the epoch in progress
     rows: list[dict] = field(default_factory=list)  # results.csv
     curves: list[dict] = field(default_factory=list)  # curves.csv
-    masks: list[list[list[Tensor]]] = field(default_factory=list)  # [round][trial][layer], bool, CPU
+
+
+class Paused(Exception):
+    """A signal asked the run to stop; the state was checkpointed after the last finished step."""
+
+
+class Diverged(Exception):
+    """A member's loss became NaN or infinite; the previous epoch's checkpoint is the last good one."""
+
+
+def fresh_state(cfg: Config) -> RunState:
+    trials = range(cfg.trials)
+    w0 = [default_init(make_generator(cfg.seed, t, "init")) for t in trials]
+    return RunState(
+        round=0, epoch=1, step=0,
+        w0=[torch.stack([w[i] for w in w0]) for i in range(len(w0[0]))],
+        pruned_at=[torch.full((cfg.trials, o, i), NEVER, dtype=torch.int32) for o, i in SHAPES],
+        control_rng=[make_generator(cfg.seed, t, "control").get_state() for t in trials],
+        data_rng=[make_generator(cfg.seed, t, "data").get_state() for t in trials],
+    )
+
+
+def masks_of(state: RunState, trial: int, rnd: int) -> list[Tensor]:
+    return [p[trial] > rnd for p in state.pruned_at]
+
+
+def generators(states: Sequence[Tensor]) -> list[torch.Generator]:
+    gens = [torch.Generator() for _ in states]
+    for g, st in zip(gens, states):
+        g.set_state(st)
+    return gens
 
 
 def stack_members(per_member: Sequence[Sequence[Tensor]], device: torch.device) -> list[Tensor]:
@@ -476,61 +571,96 @@ def last_accuracies(test_acc: Sequence[float], masks: Sequence[Tensor]) -> dict[
     return {"weights": f"{100 * masked_fraction(masks):.2f}%", **accs}
 
 
-def run_experiment(cfg: Config, train: Split, test: Split, device: torch.device,
-                   on_round: Callable[[Results], None] = lambda results: None, progress: bool = True) -> Results:
-    trials, per = cfg.trials, len(VARIANTS)
-    members = trials * per
-    init_gens = [make_generator(cfg.seed, t, "init") for t in range(trials)]
-    control_gens = [make_generator(cfg.seed, t, "control") for t in range(trials)]
-    data_gens = [make_generator(cfg.seed, t, "data") for t in range(trials)]
-    w0 = [default_init(g) for g in init_gens]  # kept, not re-drawn: rewinding is a copy
-    masks = [[torch.ones(o, i, dtype=torch.bool) for o, i in SHAPES] for _ in range(trials)]
+def member_records(stats: Sequence[Sequence[float]], rnd: int, extra: Callable[[int], dict]) -> list[dict]:
+    """One tidy row per member: who it is, extra(member), then its losses and test accuracy."""
+    per = len(VARIANTS)
+    return [{"trial": m // per, "round": rnd, "variant": VARIANTS[m % per], **extra(m),
+             "train_loss": round(stats[0][m], 6), "test_loss": round(stats[1][m], 6), "test_acc": round(stats[2][m], 2)}
+            for m in range(len(stats[0]))]
 
-    net: nn.Module = LeNetStack(members, per, device)
+
+def check_finite(stats: Sequence[Sequence[float]], rnd: int, epoch: int, lr: float) -> None:
+    per = len(VARIANTS)
+    for m, (train_loss, test_loss) in enumerate(zip(stats[0], stats[1])):
+        if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+            raise Diverged(f"member {m} ({VARIANTS[m % per]} of trial {m // per}) diverged in round {rnd}, epoch "
+                           f"{epoch} (training loss {train_loss}) at --lr {lr}; try a smaller --lr")
+
+
+def begin_round(cfg: Config, state: RunState, stack: LeNetStack, control_gens: Sequence[torch.Generator]) -> None:
+    """Prune each trial's ticket (from its trained weights, still in the stack), then load every
+    member's starting weights: tickets rewound to W0, controls freshly drawn, all on the mask."""
+    rnd, per = state.round, len(VARIANTS)
+    for t in range(cfg.trials):
+        if rnd > 0:
+            alive = masks_of(state, t, rnd - 1)
+            kept = global_magnitude_prune([w[t * per].detach().cpu() for w in stack.weights], alive, cfg.prune_rate)
+            for p, a, k in zip(state.pruned_at, alive, kept):
+                p[t][a & ~k] = rnd
+    w0 = [[w[t] for w in state.w0] for t in range(cfg.trials)]
+    starts = [s for t in range(cfg.trials) for s in round_starts(w0[t], masks_of(state, t, rnd), control_gens[t])]
+    stack.load(stack_members(starts, stack.weights[0].device))
+
+
+def run_experiment(cfg: Config, train: Split, test: Split, device: torch.device, state: RunState,
+                   on_epoch: Callable[[RunState, bool], None] = lambda state, round_done: None,
+                   stop: Callable[[], bool] = lambda: False, progress: bool = True) -> RunState:
+    """Iterative magnitude pruning from state's position to the last round. After every epoch
+    on_epoch(state, round_done) gets the state with the members' weights copied in (to save)."""
+    per = len(VARIANTS)
+    net: nn.Module = LeNetStack(cfg.trials * per, per, device)
     if cfg.data_parallel:
         if device.type == "cuda" and torch.cuda.device_count() > 1:
             net = nn.DataParallel(net, dim=1)
         else:
             warn("--data-parallel needs more than one visible GPU; training on one device")
     stack = unwrap(net)
+    opt = MaskedSGD(stack, [], cfg.lr, cfg.momentum)
+    if state.params:
+        stack.load(state.params)
+        for buf, saved in zip(opt.bufs, state.momentum):
+            buf.copy_(saved)
+    control_gens, data_gens = generators(state.control_rng), generators(state.data_rng)
+    steps = math.ceil(len(train.y) / cfg.batch_size)
 
-    results = Results()
-    bar = tqdm(total=cfg.rounds + 1, desc="rounds", unit="round", disable=not progress, dynamic_ncols=True)
-    for rnd in range(cfg.rounds + 1):
-        if rnd > 0:
-            trained = stack.weights
-            masks = [
-                global_magnitude_prune([w[t * per].detach().cpu() for w in trained], masks[t], cfg.prune_rate)
-                for t in range(trials)
-            ]
-        starts = [s for t in range(trials) for s in round_starts(w0[t], masks[t], control_gens[t])]
-        stack.load(stack_members(starts, device))
-        grad_masks = [m.float() for m in stack_members([ms for ms in masks for _ in VARIANTS], device)]
-        opt = MaskedSGD(stack, grad_masks, cfg.lr, cfg.momentum)  # fresh optimiser state each round
+    def snapshot() -> RunState:
+        state.params = [p.detach().cpu().clone() for p in stack.parameters()]
+        state.momentum = [b.cpu().clone() for b in opt.bufs]
+        state.control_rng = [g.get_state() for g in control_gens]
+        return state
 
-        for epoch in range(1, cfg.epochs + 1):
-            order = epoch_order(len(train.y), data_gens, device)
-            train_loss = train_epoch(net, opt, train, order, cfg.batch_size)
-            test_loss, test_acc = evaluate(net, test)
-            stats = torch.stack([train_loss, test_loss, test_acc]).cpu().tolist()  # one sync per epoch
-            bar.set_postfix({"round": rnd, "epoch": f"{epoch}/{cfg.epochs}", **last_accuracies(stats[2], masks[0])})
-            for m in range(members):
-                results.curves.append(
-                    {"trial": m // per, "round": rnd, "variant": VARIANTS[m % per], "epoch": epoch,
-                     "train_loss": round(stats[0][m], 6), "test_loss": round(stats[1][m], 6),
-                     "test_acc": round(stats[2][m], 2)}
-                )
-        for m in range(members):
-            results.rows.append(
-                {"trial": m // per, "round": rnd, "variant": VARIANTS[m % per], **layer_percentages(masks[m // per]),
-                 "train_loss": round(stats[0][m], 6), "test_loss": round(stats[1][m], 6),
-                 "test_acc": round(stats[2][m], 2)}
-            )
-        results.masks.append([[m.clone() for m in ms] for ms in masks])
-        on_round(results)
-        bar.update()
-    bar.close()
-    return results
+    with tqdm(total=cfg.rounds + 1, initial=state.round, desc="rounds", unit="round", dynamic_ncols=True,
+              **({} if progress else {"disable": True})) as bar:  # else TQDM_DISABLE=1 decides
+        while state.round <= cfg.rounds:
+            rnd = state.round
+            if state.epoch == 1 and state.step == 0:
+                begin_round(cfg, state, stack, control_gens)
+                opt.reset()
+            masks = [masks_of(state, t, rnd) for t in range(cfg.trials)]
+            opt.masks = [m.float() for m in stack_members([ms for ms in masks for _ in VARIANTS], device)]
+            for epoch in range(state.epoch, cfg.epochs + 1):
+                order = epoch_order(len(train.y), data_gens, device)
+                loss_sum = None if state.loss_sum is None else state.loss_sum.to(device)
+                loss_sum, step = train_epoch(net, opt, train, order, cfg.batch_size, state.step, loss_sum, stop)
+                if step < steps:  # paused: save the position inside this epoch, rewinding the data order
+                    state.step, state.loss_sum = step, loss_sum.cpu()
+                    on_epoch(snapshot(), False)
+                    raise Paused(f"round {rnd}, epoch {epoch}, step {step}/{steps}")
+                test_loss, test_acc = evaluate(net, test)
+                stats = torch.stack([loss_sum / len(train.y), test_loss, test_acc]).cpu().tolist()  # one sync per epoch
+                check_finite(stats, rnd, epoch, cfg.lr)
+                bar.set_postfix({"round": rnd, "epoch": f"{epoch}/{cfg.epochs}", **last_accuracies(stats[2], masks[0])})
+                state.curves += member_records(stats, rnd, lambda m: {"epoch": epoch})
+                state.data_rng = [g.get_state() for g in data_gens]
+                state.step, state.loss_sum = 0, None
+                if epoch < cfg.epochs:
+                    state.epoch = epoch + 1
+                    on_epoch(snapshot(), False)
+            state.rows += member_records(stats, rnd, lambda m: layer_percentages(masks[m // per]))
+            state.round, state.epoch = rnd + 1, 1
+            on_epoch(snapshot(), True)
+            bar.update()
+    return state
 
 
 # ==================================================================================================
@@ -562,18 +692,25 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def write_tables(results: Results, out: Path) -> None:
-    atomic_write(out / "results.csv", lambda tmp: pd.DataFrame(results.rows).to_csv(tmp, index=False))
-    atomic_write(out / "curves.csv", lambda tmp: pd.DataFrame(results.curves).to_csv(tmp, index=False))
-    atomic_write(out / "masks.pt", lambda tmp: torch.save(masks_payload(results.masks), tmp))
+def write_tables(state: RunState, out: Path) -> None:
+    """results.csv, curves.csv and masks.pt of every finished round."""
+    atomic_write(out / "results.csv", lambda tmp: pd.DataFrame(state.rows).to_csv(tmp, index=False))
+    atomic_write(out / "curves.csv", lambda tmp: pd.DataFrame(state.curves).to_csv(tmp, index=False))
+    save_torch(out / "masks.pt", masks_payload(state.pruned_at, state.round))
 
 
-def masks_payload(masks: list[list[list[Tensor]]]) -> dict[str, Tensor]:
-    """{"fc1": bool [trials, rounds+1, 300, 784], "fc2": [.., 100, 300], "fc3": [.., 10, 100]}."""
-    return {
-        name: torch.stack([torch.stack([masks[r][t][i] for r in range(len(masks))]) for t in range(len(masks[0]))])
-        for i, name in enumerate(LAYERS)
-    }
+def save_torch(path: Path, obj: Any) -> None:
+    # Through a buffer: torch.save to a path names the archive after the (temporary) file, which
+    # would make two identical runs' files differ.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+
+def masks_payload(pruned_at: Sequence[Tensor], rounds: int) -> dict[str, Tensor]:
+    """{"fc1": bool [trials, rounds, 300, 784], "fc2": [.., 100, 300], "fc3": [.., 10, 100]}."""
+    past = torch.arange(rounds).view(1, -1, 1, 1)
+    return {name: p.unsqueeze(1) > past for name, p in zip(LAYERS, pruned_at)}
 
 
 def summary_frame(rows: pd.DataFrame) -> pd.DataFrame:
@@ -666,8 +803,9 @@ def write_config(cfg: Config, device: torch.device, out: Path, **extra: Any) -> 
     write_text(out / "config.json", json.dumps(payload, indent=2) + "\n")
 
 
-def write_outputs(results: Results, out: Path) -> tuple[str, list[Path]]:
-    rows = pd.DataFrame(results.rows)
+def write_outputs(state: RunState, out: Path) -> tuple[str, list[Path]]:
+    """summary.md and the figures, from every finished round."""
+    rows = pd.DataFrame(state.rows)
     summary = summary_markdown(rows)
     write_text(out / "summary.md", summary)
     figures = [out / "graph_improved.png", out / "layers.png"]
@@ -676,18 +814,134 @@ def write_outputs(results: Results, out: Path) -> tuple[str, list[Path]]:
     return summary, figures
 
 
-def prepare_out(path: str) -> Path:
-    out = Path(path)
+CHECKPOINT = "checkpoint.pt"
+OUTPUT_FILES = ("results.csv", "curves.csv", "masks.pt", "graph_improved.png", "layers.png", "summary.md",
+                "config.json", CHECKPOINT)
+
+
+def save_checkpoint(out: Path, cfg: Config, device: torch.device, data_sha256: str, state: RunState) -> None:
+    payload = {"format": 1, "config": dataclasses.asdict(cfg), "device": str(device), "data_sha256": data_sha256,
+               "state": {f.name: getattr(state, f.name) for f in dataclasses.fields(RunState)}}
+    save_torch(out / CHECKPOINT, payload)
+
+
+def config_differences(saved: dict, cfg: Config) -> list[str]:
+    """Settings of cfg that would change the saved run's numbers. More --rounds only extends it."""
+    now = dataclasses.asdict(cfg)
+    extends = lambda k: k == "rounds" and isinstance(saved.get(k), int) and now[k] >= saved[k]
+    return [f"--{k.replace('_', '-')} {now[k]} (the run in --out has {saved.get(k)})"
+            for k in now if k not in RESUME_NEUTRAL and saved.get(k) != now[k] and not extends(k)]
+
+
+def load_checkpoint(out: Path) -> tuple[RunState, dict]:
+    """The state saved in out/checkpoint.pt and the rest of it (config, device, data_sha256),
+    refusing anything but plain tensors and containers (weights_only: no pickled object runs)."""
+    path = out / CHECKPOINT
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"refusing {path}: it holds pickled Python objects, not a checkpoint of plain tensors") from None
+    except Exception as e:  # zip, EOF and format errors: a truncated or damaged file
+        raise UsageError(f"{path} is corrupt or truncated ({type(e).__name__}: {one_line(e)[:120]})") from None
+    try:
+        state = RunState(**payload["state"])
+        meta = {"config": dict(payload["config"]), "device": str(payload["device"]),
+                "data_sha256": str(payload["data_sha256"])}
+        trials, members = meta["config"]["trials"], meta["config"]["trials"] * len(VARIANTS)
+        shapes_ok = (
+            payload["format"] == 1
+            and [tuple(p.shape) for p in state.pruned_at] == [(trials, o, i) for o, i in SHAPES]
+            and all(p.shape[0] == members for p in state.params)
+            and len(state.control_rng) == len(state.data_rng) == trials
+        )
+    except (KeyError, TypeError, AttributeError, IndexError):
+        shapes_ok = False
+    if not shapes_ok:
+        raise UsageError(f"{path} is not a checkpoint of this script (unexpected contents)")
+    return state, meta
+
+
+def read_config_json(out: Path) -> Optional[dict]:
+    try:
+        return json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_out(cfg: Config) -> None:
+    """Before anything is computed: --out must be a directory this run may write into."""
+    out = Path(cfg.out)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {path} is a file, not a directory")
+        raise UsageError(f"--out {out} is a file, not a directory")
+    if cfg.resume or cfg.overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    earlier = read_config_json(out)
+    what = "files"
+    if earlier and isinstance(earlier.get("config"), dict):
+        diffs = config_differences(earlier["config"], cfg)
+        what = f"a {earlier.get('status', 'earlier')} run with other settings: {', '.join(diffs)}" if diffs else (
+            f"a {earlier.get('status', 'earlier')} run with these settings")
+    raise UsageError(f"--out {out}/ already holds {what}; pass --resume to continue it, --overwrite to replace "
+                     f"it, or choose another --out")
+
+
+def prepare_out(cfg: Config) -> Path:
+    out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UsageError(f"--out {path} is not writable ({e.strerror or one_line(e)})") from None
+        raise UsageError(f"--out {cfg.out} is not writable ({e.strerror or one_line(e)})") from None
+    for name in OUTPUT_FILES:  # a kill mid-write leaves a temporary file (never a half output)
+        for tmp in out.glob(f".{Path(name).stem}.tmp*{Path(name).suffix}"):
+            tmp.unlink(missing_ok=True)
+        if cfg.overwrite:  # only what this script writes; anything else stays
+            (out / name).unlink(missing_ok=True)
     return out
+
+
+class StopSignal:
+    """Ctrl-C or SIGTERM asks the run to stop after the current step, checkpointed; a second
+    signal stops at once (KeyboardInterrupt). Calling the object says whether a stop was asked."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nlot_improved: {signal.Signals(signum).name}: stopping after this step (again to stop at once)",
+              file=sys.stderr)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    stop = StopSignal()
+    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def resume_command(cfg: Config) -> str:
+    flags = []
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if f.name not in ("resume", "overwrite") and value != f.default:
+            flag = "--" + f.name.replace("_", "-")
+            flags += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+    return " ".join(["python lot_improved.py", *map(shlex.quote, flags), "--resume"])
 
 
 # ==================================================================================================
@@ -721,47 +975,87 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     return Config(**vars(args))
 
 
+EXIT_CODES = {"finished": 0, "cannot write": 1, "bad input": 2, "diverged": 3, "SIGINT": 130, "SIGTERM": 143}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point. argv defaults to sys.argv[1:]; returns the exit code instead of exiting."""
+    """Entry point. argv defaults to sys.argv[1:]; returns the exit code (EXIT_CODES) instead of
+    exiting. Bad input is found before anything in --out is touched."""
     started = time.perf_counter()
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         validate(cfg)
         device = resolve_device(cfg.device)
-        train, test = load_mnist(cfg.data_dir, device, cfg.train_subset)
-        out = prepare_out(cfg.out)
+        check_out(cfg)
+        state, saved = None, {}
+        if cfg.resume:
+            if (Path(cfg.out) / CHECKPOINT).exists():
+                state, saved = load_checkpoint(Path(cfg.out))
+            else:  # killed before its first checkpoint: nothing to lose, start again
+                saved = read_config_json(Path(cfg.out)) or {}
+                if not isinstance(saved.get("config"), dict):
+                    raise UsageError(f"--resume: {cfg.out}/ holds no {CHECKPOINT} and no run of this script")
+            diffs = config_differences(saved["config"], cfg)
+            if diffs:
+                raise UsageError(f"--resume: settings differ from the run in {cfg.out}/: {', '.join(diffs)}")
+            if state and saved["device"] != str(device):
+                warn(f"resuming on {device} a run begun on {saved['device']}: later numbers may differ in the "
+                     "last bits from an uninterrupted run")
+        arrays = load_mnist_arrays(cfg.data_dir)
+        data_sha = fingerprint(arrays)
+        if state and saved["data_sha256"] != data_sha:
+            raise UsageError(f"--resume: the MNIST found via --data-dir {cfg.data_dir} is not the data the run began with")
+        train, test = to_splits(arrays, device, cfg.train_subset)
+        out = prepare_out(cfg)
     except UsageError as e:
         print(f"lot_improved: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CODES["bad input"]
     except SystemExit as e:  # argparse: --help (0) or a bad flag (2)
         return int(e.code or 0)
 
-    write_config(cfg, device, out, status="running")
-    print(f"lot_improved: {cfg.trials} trial(s) x {len(VARIANTS)} variants, {cfg.rounds + 1} rounds x "
-          f"{cfg.epochs} epochs on {len(train.y)} images, device {device}, writing to {out}/", file=sys.stderr)
-    finished: list[Results] = []
-
-    def checkpoint_round(results: Results) -> None:  # finished rounds survive an interrupt
-        write_tables(results, out)
-        finished[:] = [results]
-
+    state = state or fresh_state(cfg)
     try:
-        results = run_experiment(cfg, train, test, device, on_round=checkpoint_round)
-    except KeyboardInterrupt:
-        done = len(finished[0].masks) if finished else 0
-        if finished:
-            write_outputs(finished[0], out)
-        write_config(cfg, device, out, status="interrupted", rounds_finished=done,
-                     wall_time_s=round(time.perf_counter() - started, 1))
-        print(f"\nlot_improved: interrupted; {done} finished round(s) written to {out}/", file=sys.stderr)
-        return 130
-    summary, figures = write_outputs(results, out)
-    wall = time.perf_counter() - started
-    write_config(cfg, device, out, status="finished", wall_time_s=round(wall, 1))
+        write_config(cfg, device, out, status="running", data_sha256=data_sha)
+        if state.round > 0:  # a kill may have come between a checkpoint and the tables
+            write_tables(state, out)
+        print(f"lot_improved: {cfg.trials} trial(s) x {len(VARIANTS)} variants, {cfg.rounds + 1} rounds x "
+              f"{cfg.epochs} epochs on {len(train.y)} images, device {device}, writing to {out}/"
+              + (f", resuming at round {state.round} epoch {state.epoch}" if cfg.resume else ""), file=sys.stderr)
+
+        def save(state: RunState, round_done: bool) -> None:
+            save_checkpoint(out, cfg, device, data_sha, state)
+            if round_done:
+                write_tables(state, out)
+
+        with stop_on_signals() as stop:
+            try:
+                state = run_experiment(cfg, train, test, device, state, on_epoch=save, stop=stop)
+            except (Paused, KeyboardInterrupt) as e:
+                name = signal.Signals(stop.signum or signal.SIGINT).name
+                if state.round > 0:
+                    write_outputs(state, out)
+                write_config(cfg, device, out, status="interrupted", data_sha256=data_sha,
+                             wall_time_s=round(time.perf_counter() - started, 1))
+                where = f"checkpoint at {e}" if isinstance(e, Paused) else "last checkpoint kept"
+                print(f"lot_improved: {name}: stopped, {state.round} round(s) finished, {where}; "
+                      f"resume with: {resume_command(cfg)}", file=sys.stderr)
+                return EXIT_CODES[name]
+            except Diverged as e:
+                write_config(cfg, device, out, status="diverged", data_sha256=data_sha)
+                print(f"lot_improved: error: {e}; finished rounds and the last good checkpoint are kept in {out}/",
+                      file=sys.stderr)
+                return EXIT_CODES["diverged"]
+        summary, figures = write_outputs(state, out)
+        wall = time.perf_counter() - started
+        write_config(cfg, device, out, status="finished", data_sha256=data_sha, wall_time_s=round(wall, 1))
+    except OSError as e:  # a full disk, a vanished directory: finished files stay as they were
+        print(f"lot_improved: error: cannot write to {cfg.out}/ ({e.strerror or one_line(e)}); every file already "
+              f"there is complete; free space and resume with: {resume_command(cfg)}", file=sys.stderr)
+        return EXIT_CODES["cannot write"]
     print("\n" + summary)
     print(f"lot_improved: finished in {wall / 60:.1f} min; outputs in {out}/", file=sys.stderr)
     show_inline(figures)
-    return 0
+    return EXIT_CODES["finished"]
 
 
 if __name__ == "__main__":

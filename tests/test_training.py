@@ -76,8 +76,10 @@ def test_one_epoch_on_real_mnist_reaches_95_percent_with_default_hyperparameters
     net.load(lot.stack_members([lot.default_init(torch.Generator().manual_seed(s)) for s in (0, 1)], cpu))
     opt = lot.MaskedSGD(net, [torch.ones_like(w) for w in net.weights], lr=0.01, momentum=0.9)
     order = lot.epoch_order(len(train.y), [torch.Generator().manual_seed(0)], cpu)
-    train_loss = lot.train_epoch(net, opt, train, order, 60)
+    loss_sum, steps = lot.train_epoch(net, opt, train, order, 60)
+    train_loss = loss_sum / len(train.y)
     test_loss, test_acc = lot.evaluate(net, test)
+    assert steps == 1000
     assert (test_acc >= 95.0).all(), test_acc
     assert (train_loss < 0.5).all() and (test_loss < 0.15).all(), (train_loss, test_loss)
 
