@@ -18,9 +18,12 @@ Run:
     python lot_improved.py --trials 3      # mean +- sd over 3 independent trials
     python lot_improved.py --help          # every flag
 
+Result (results/trials3/, 3 trials, 2-core CPU, 49 min): at 1.15% of the weights the ticket
+reaches 97.55 +- 0.07% test accuracy and the control 96.70 +- 0.28% (dense: 98.29 +- 0.03%).
+
 Outputs land in --out (default results/): results.csv, curves.csv, masks.pt,
-graph_improved.png, layers.png, summary.md, config.json. The README explains each one and shows
-the committed run's table.
+graph_improved.png, layers.png, summary.md, config.json and checkpoint.pt (--resume continues
+from it). The README explains each one and shows the committed run's table.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -67,16 +69,12 @@ class Config:
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     batch_size: int = field(default=60, metadata={"help": "minibatch size"})
     epochs: int = field(default=20, metadata={"help": "training epochs per round"})
-    rounds: int = field(
-        default=20, metadata={"help": "pruning rounds after the dense round 0 (rounds+1 trainings)"}
-    )
+    rounds: int = field(default=20, metadata={"help": "pruning rounds after the dense round 0 (rounds+1 trainings)"})
     prune_rate: float = field(
         default=0.2, metadata={"help": "fraction of the surviving weights removed per round, in (0, 1)"}
     )
     seed: int = field(default=0, metadata={"help": "master seed: W0, controls and data order derive from it"})
-    trials: int = field(
-        default=1, metadata={"help": "independent trials (own W0, control draws, data order), stacked"}
-    )
+    trials: int = field(default=1, metadata={"help": "independent trials (own W0, control draws, data order), stacked"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (auto picks CUDA when present)"})
     out: str = field(default="results", metadata={"help": "output directory"})
     data_dir: str = field(
@@ -91,11 +89,14 @@ class Config:
     )
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint.pt"})
     overwrite: bool = field(default=False, metadata={"help": "replace an earlier run's files in --out"})
+    replot: bool = field(
+        default=False, metadata={"help": "only redraw summary.md and the figures from results.csv in --out"}
+    )
 
 
 # Settings that may differ when resuming: they change where files go or how the work is spread,
 # not what is computed (a different device changes only the last bits; resuming warns).
-RESUME_NEUTRAL = ("out", "data_dir", "device", "data_parallel", "resume", "overwrite")
+RESUME_NEUTRAL = ("out", "data_dir", "device", "data_parallel", "resume", "overwrite", "replot")
 
 
 class UsageError(Exception):
@@ -180,7 +181,7 @@ def load_npz(path: Path) -> tuple[np.ndarray, ...]:
     except KeyError as e:
         raise UsageError(f"{path}: not an MNIST npz (missing key {e})") from None
     except Exception as e:  # zip, pickle and format errors all mean the same to the user
-        raise UsageError(f"{path}: unreadable or corrupt npz ({type(e).__name__}: {one_line(e)})") from None
+        raise UsageError(f"{path}: unreadable or corrupt npz ({type(e).__name__}: {one_line(e)[:160]})") from None
     check_mnist_arrays(arrays[0], arrays[1], f"{path} [train]")
     check_mnist_arrays(arrays[2], arrays[3], f"{path} [test]")
     return arrays
@@ -234,7 +235,9 @@ def fingerprint(arrays: Sequence[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def to_splits(arrays: Sequence[np.ndarray], device: torch.device, train_subset: Optional[int] = None) -> tuple[Split, Split]:
+def to_splits(
+    arrays: Sequence[np.ndarray], device: torch.device, train_subset: Optional[int] = None
+) -> tuple[Split, Split]:
     x_tr, y_tr, x_te, y_te = arrays
     if train_subset is not None:
         if train_subset > len(x_tr):
@@ -290,8 +293,16 @@ def nll(logp: Tensor, y: Tensor) -> Tensor:
     return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
-def lenet_backward(x: Tensor, y: Tensor, w: Sequence[Tensor], h1: Tensor, h2: Tensor, logp: Tensor,
-                   dloss: Tensor | float, out: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
+def lenet_backward(
+    x: Tensor,
+    y: Tensor,
+    w: Sequence[Tensor],
+    h1: Tensor,
+    h2: Tensor,
+    logp: Tensor,
+    dloss: Tensor | float,
+    out: Optional[Sequence[Tensor]] = None,
+) -> list[Tensor]:
     """Gradients [dw1, dw2, dw3, db1, db2, db3] of sum(dloss * per-sample loss): six batched
     matmuls. Consumes logp. out: optional buffers for the weight gradients (saves allocations)."""
     d3 = logp.exp_()  # dloss/dlogits = softmax - onehot
@@ -331,17 +342,17 @@ class LeNetStack(nn.Module):
 
     def __init__(self, members: int, members_per_trial: int, device: torch.device):
         super().__init__()
-        self.members_per_trial = members_per_trial
-        self.weights = nn.ParameterList(
-            [nn.Parameter(torch.zeros(members, o, i, device=device)) for o, i in SHAPES]
-        )
+        self.members, self.members_per_trial = members, members_per_trial
+        self.weights = nn.ParameterList([nn.Parameter(torch.zeros(members, o, i, device=device)) for o, i in SHAPES])
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(members, o, device=device)) for o, _ in SHAPES])
+        # Plain tuples for the per-step fast path: ParameterList indexing costs ~5 us a call.
+        # (nn.DataParallel replicas do not update these; they only ever run forward().)
+        self._w, self._b = tuple(self.weights), tuple(self.biases)
 
     def per_member(self, t: Tensor) -> Tensor:
         """[T, B, ...] -> [M, B, ...]: each trial's batch for each of its members (a view if T=1)."""
-        members = self.weights[0].shape[0]
-        per = members if t.shape[0] == 1 else self.members_per_trial
-        return t.unsqueeze(1).expand(t.shape[0], per, *t.shape[1:]).reshape(members, *t.shape[1:])
+        per = self.members if t.shape[0] == 1 else self.members_per_trial
+        return t.unsqueeze(1).expand(t.shape[0], per, *t.shape[1:]).reshape(self.members, *t.shape[1:])
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
         xm = self.per_member(x)
@@ -351,15 +362,16 @@ class LeNetStack(nn.Module):
 
     @torch.no_grad()
     def backprop(self, x: Tensor, y: Tensor) -> Tensor:
+        w, b = self._w, self._b
         xm, ym = self.per_member(x), self.per_member(y)
-        h1, h2, logp = lenet_forward(xm, self.weights, self.biases)
+        h1, h2, logp = lenet_forward(xm, w, b)
         losses = nll(logp, ym)
-        if self.weights[0].grad is None:
-            for p in self.parameters():
+        if w[0].grad is None:
+            for p in (*w, *b):
                 p.grad = torch.empty_like(p)
-        grads = lenet_backward(xm, ym, self.weights, h1, h2, logp, 1.0 / x.shape[1], [w.grad for w in self.weights])
-        for b, g in zip(self.biases, grads[3:]):
-            b.grad.copy_(g)
+        grads = lenet_backward(xm, ym, w, h1, h2, logp, 1.0 / x.shape[1], [p.grad for p in w])
+        for p, g in zip(b, grads[3:]):
+            p.grad = g
         return losses
 
     @torch.no_grad()
@@ -434,15 +446,24 @@ class MaskedSGD:
 
     @torch.no_grad()
     def step(self) -> None:
+        n = len(self.masks)
         grads = [p.grad for p in self.params]
-        torch._foreach_mul_(grads[: len(self.masks)], self.masks)
         torch._foreach_mul_(self.bufs, self.momentum)
-        torch._foreach_add_(self.bufs, grads)
+        torch._foreach_addcmul_(self.bufs[:n], grads[:n], self.masks)  # grad * mask is exact: same bits
+        torch._foreach_add_(self.bufs[n:], grads[n:])
         torch._foreach_add_(self.params, self.bufs, alpha=-self.lr)
 
 
-def train_epoch(net: nn.Module, opt: MaskedSGD, train: Split, order: Tensor, batch_size: int, first_step: int = 0,
-                loss_sum: Optional[Tensor] = None, stop: Callable[[], bool] = lambda: False) -> tuple[Tensor, int]:
+def train_epoch(
+    net: nn.Module,
+    opt: MaskedSGD,
+    train: Split,
+    order: Tensor,
+    batch_size: int,
+    first_step: int = 0,
+    loss_sum: Optional[Tensor] = None,
+    stop: Callable[[], bool] = lambda: False,
+) -> tuple[Tensor, int]:
     """Steps first_step.. of one epoch (batches are slices of order [trials, n]) for every member.
 
     Returns the per-member sum of training losses (added to loss_sum) and the next step: the
@@ -451,7 +472,7 @@ def train_epoch(net: nn.Module, opt: MaskedSGD, train: Split, order: Tensor, bat
     stack = unwrap(net)
     n = order.shape[1]
     steps = math.ceil(n / batch_size)
-    total = torch.zeros(stack.weights[0].shape[0], device=order.device) if loss_sum is None else loss_sum
+    total = torch.zeros(stack.members, device=order.device) if loss_sum is None else loss_sum
     for step in range(first_step, steps):
         idx = order[:, step * batch_size : (step + 1) * batch_size]
         if net is stack:
@@ -474,7 +495,7 @@ EVAL_CHUNK = 10_000
 @torch.inference_mode()
 def evaluate(net: nn.Module, data: Split) -> tuple[Tensor, Tensor]:
     """Per-member mean cross-entropy and accuracy (%) on a whole split, on device."""
-    members = unwrap(net).weights[0].shape[0]
+    members = unwrap(net).members
     loss = torch.zeros(members, device=data.x.device)
     correct = torch.zeros(members, device=data.x.device)
     for start in range(0, len(data.y), EVAL_CHUNK):
@@ -530,7 +551,9 @@ def fresh_state(cfg: Config) -> RunState:
     trials = range(cfg.trials)
     w0 = [default_init(make_generator(cfg.seed, t, "init")) for t in trials]
     return RunState(
-        round=0, epoch=1, step=0,
+        round=0,
+        epoch=1,
+        step=0,
         w0=[torch.stack([w[i] for w in w0]) for i in range(len(w0[0]))],
         pruned_at=[torch.full((cfg.trials, o, i), NEVER, dtype=torch.int32) for o, i in SHAPES],
         control_rng=[make_generator(cfg.seed, t, "control").get_state() for t in trials],
@@ -574,17 +597,28 @@ def last_accuracies(test_acc: Sequence[float], masks: Sequence[Tensor]) -> dict[
 def member_records(stats: Sequence[Sequence[float]], rnd: int, extra: Callable[[int], dict]) -> list[dict]:
     """One tidy row per member: who it is, extra(member), then its losses and test accuracy."""
     per = len(VARIANTS)
-    return [{"trial": m // per, "round": rnd, "variant": VARIANTS[m % per], **extra(m),
-             "train_loss": round(stats[0][m], 6), "test_loss": round(stats[1][m], 6), "test_acc": round(stats[2][m], 2)}
-            for m in range(len(stats[0]))]
+    return [
+        {
+            "trial": m // per,
+            "round": rnd,
+            "variant": VARIANTS[m % per],
+            **extra(m),
+            "train_loss": round(stats[0][m], 6),
+            "test_loss": round(stats[1][m], 6),
+            "test_acc": round(stats[2][m], 2),
+        }
+        for m in range(len(stats[0]))
+    ]
 
 
 def check_finite(stats: Sequence[Sequence[float]], rnd: int, epoch: int, lr: float) -> None:
     per = len(VARIANTS)
     for m, (train_loss, test_loss) in enumerate(zip(stats[0], stats[1])):
         if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
-            raise Diverged(f"member {m} ({VARIANTS[m % per]} of trial {m // per}) diverged in round {rnd}, epoch "
-                           f"{epoch} (training loss {train_loss}) at --lr {lr}; try a smaller --lr")
+            raise Diverged(
+                f"member {m} ({VARIANTS[m % per]} of trial {m // per}) diverged in round {rnd}, epoch "
+                f"{epoch} (training loss {train_loss}) at --lr {lr}; try a smaller --lr"
+            )
 
 
 def begin_round(cfg: Config, state: RunState, stack: LeNetStack, control_gens: Sequence[torch.Generator]) -> None:
@@ -602,9 +636,16 @@ def begin_round(cfg: Config, state: RunState, stack: LeNetStack, control_gens: S
     stack.load(stack_members(starts, stack.weights[0].device))
 
 
-def run_experiment(cfg: Config, train: Split, test: Split, device: torch.device, state: RunState,
-                   on_epoch: Callable[[RunState, bool], None] = lambda state, round_done: None,
-                   stop: Callable[[], bool] = lambda: False, progress: bool = True) -> RunState:
+def run_experiment(
+    cfg: Config,
+    train: Split,
+    test: Split,
+    device: torch.device,
+    state: RunState,
+    on_epoch: Callable[[RunState, bool], None] = lambda state, round_done: None,
+    stop: Callable[[], bool] = lambda: False,
+    progress: bool = True,
+) -> RunState:
     """Iterative magnitude pruning from state's position to the last round. After every epoch
     on_epoch(state, round_done) gets the state with the members' weights copied in (to save)."""
     per = len(VARIANTS)
@@ -629,8 +670,14 @@ def run_experiment(cfg: Config, train: Split, test: Split, device: torch.device,
         state.control_rng = [g.get_state() for g in control_gens]
         return state
 
-    with tqdm(total=cfg.rounds + 1, initial=state.round, desc="rounds", unit="round", dynamic_ncols=True,
-              **({} if progress else {"disable": True})) as bar:  # else TQDM_DISABLE=1 decides
+    with tqdm(
+        total=cfg.rounds + 1,
+        initial=state.round,
+        desc="rounds",
+        unit="round",
+        dynamic_ncols=True,
+        **({} if progress else {"disable": True}),
+    ) as bar:  # else TQDM_DISABLE=1 decides
         while state.round <= cfg.rounds:
             rnd = state.round
             if state.epoch == 1 and state.step == 0:
@@ -733,27 +780,58 @@ def summary_markdown(rows: pd.DataFrame) -> str:
             f"| {r.round} | {r.weights_pct:.2f}% | {fmt(r.ticket_mean, r.ticket_std)} | "
             f"{fmt(r.control_mean, r.control_std)} | {'+' if r.delta_mean >= 0 else ''}{fmt(r.delta_mean, r.delta_std)} |"
         )
-    note = (f"Test accuracy (%) after the last epoch of each round; mean ± sd over {trials} trials, "
-            "delta paired within trials." if trials > 1 else "Test accuracy (%) after the last epoch of each round.")
+    note = (
+        f"Test accuracy (%) after the last epoch of each round; mean ± sd over {trials} trials, "
+        "delta paired within trials."
+        if trials > 1
+        else "Test accuracy (%) after the last epoch of each round."
+    )
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def plot_accuracy(rows: pd.DataFrame, path: Path) -> None:
-    import seaborn as sns
+PERCENT_TICKS = (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
+
+
+def percent_log_axis(axis: Any, low: float) -> None:
+    """A log-scale percent axis labelled 100, 50, 20, 10 ... down to low, as a paper would."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    axis.set_major_locator(FixedLocator([t for t in PERCENT_TICKS if t >= low / 1.5]))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_locator(NullLocator())
+
+
+def new_axes() -> tuple[Any, Any]:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5), dpi=150)
     ax = fig.add_subplot()
-    many = rows.trial.nunique() > 1
-    with sns.axes_style("whitegrid"):
-        sns.lineplot(data=rows, x="weights_pct", y="test_acc", hue="variant", hue_order=list(VARIANTS),
-                     marker="o", errorbar="sd" if many else None, ax=ax)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def plot_accuracy(rows: pd.DataFrame, path: Path) -> None:
+    import seaborn as sns
+
+    fig, ax = new_axes()
+    trials = rows.trial.nunique()
+    sns.lineplot(
+        data=rows,
+        x="weights_pct",
+        y="test_acc",
+        hue="variant",
+        hue_order=list(VARIANTS),
+        marker="o",
+        errorbar="sd" if trials > 1 else None,
+        ax=ax,
+    )
     ax.set_xscale("log")
-    ax.set_xlim(100 * 1.15, rows.weights_pct.min() / 1.15)  # reversed: sparser to the right
+    low = rows.weights_pct.min()
+    ax.set_xlim(100 * 1.15, low / 1.15)  # reversed: sparser to the right
+    percent_log_axis(ax.xaxis, low)
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel("test accuracy (%)")
-    ax.grid(True, which="both", alpha=0.3)
-    spread = f", mean ± sd over {rows.trial.nunique()} trials" if many else ""
+    spread = f", mean ± sd over {trials} trials" if trials > 1 else ""
     ax.set_title(f"LeNet-300-100 on MNIST: winning ticket vs random reinit{spread}", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp))
@@ -761,19 +839,23 @@ def plot_accuracy(rows: pd.DataFrame, path: Path) -> None:
 
 def plot_layers(rows: pd.DataFrame, path: Path) -> None:
     import seaborn as sns
-    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     tickets = rows[rows.variant == "ticket"]
-    long = tickets.melt(id_vars=["trial", "round"], value_vars=[f"{n}_pct" for n in LAYERS] + ["weights_pct"],
-                        var_name="layer", value_name="pct")
+    long = tickets.melt(
+        id_vars=["trial", "round"],
+        value_vars=[f"{n}_pct" for n in LAYERS] + ["weights_pct"],
+        var_name="layer",
+        value_name="pct",
+    )
     long["layer"] = long.layer.str.replace("_pct", "").replace({"weights": "overall"})
-    fig = Figure(figsize=(7, 4.5), dpi=150)
-    ax = fig.add_subplot()
+    fig, ax = new_axes()
     sns.lineplot(data=long, x="round", y="pct", hue="layer", marker="o", errorbar="sd", ax=ax)
     ax.set_yscale("log")
+    percent_log_axis(ax.yaxis, long.pct.min())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("pruning round")
     ax.set_ylabel("weights remaining (%)")
-    ax.grid(True, which="both", alpha=0.3)
     ax.set_title("Global pruning strips fc1 first and spares the output layer", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp))
@@ -793,9 +875,14 @@ def show_inline(paths: Sequence[Path]) -> None:
 
 
 def environment() -> dict[str, Any]:
-    return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
-            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def write_config(cfg: Config, device: torch.device, out: Path, **extra: Any) -> None:
@@ -803,9 +890,8 @@ def write_config(cfg: Config, device: torch.device, out: Path, **extra: Any) -> 
     write_text(out / "config.json", json.dumps(payload, indent=2) + "\n")
 
 
-def write_outputs(state: RunState, out: Path) -> tuple[str, list[Path]]:
-    """summary.md and the figures, from every finished round."""
-    rows = pd.DataFrame(state.rows)
+def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
+    """summary.md and the figures, from the rows of every finished round."""
     summary = summary_markdown(rows)
     write_text(out / "summary.md", summary)
     figures = [out / "graph_improved.png", out / "layers.png"]
@@ -815,13 +901,26 @@ def write_outputs(state: RunState, out: Path) -> tuple[str, list[Path]]:
 
 
 CHECKPOINT = "checkpoint.pt"
-OUTPUT_FILES = ("results.csv", "curves.csv", "masks.pt", "graph_improved.png", "layers.png", "summary.md",
-                "config.json", CHECKPOINT)
+OUTPUT_FILES = (
+    "results.csv",
+    "curves.csv",
+    "masks.pt",
+    "graph_improved.png",
+    "layers.png",
+    "summary.md",
+    "config.json",
+    CHECKPOINT,
+)
 
 
 def save_checkpoint(out: Path, cfg: Config, device: torch.device, data_sha256: str, state: RunState) -> None:
-    payload = {"format": 1, "config": dataclasses.asdict(cfg), "device": str(device), "data_sha256": data_sha256,
-               "state": {f.name: getattr(state, f.name) for f in dataclasses.fields(RunState)}}
+    payload = {
+        "format": 1,
+        "config": dataclasses.asdict(cfg),
+        "device": str(device),
+        "data_sha256": data_sha256,
+        "state": {f.name: getattr(state, f.name) for f in dataclasses.fields(RunState)},
+    }
     save_torch(out / CHECKPOINT, payload)
 
 
@@ -829,8 +928,11 @@ def config_differences(saved: dict, cfg: Config) -> list[str]:
     """Settings of cfg that would change the saved run's numbers. More --rounds only extends it."""
     now = dataclasses.asdict(cfg)
     extends = lambda k: k == "rounds" and isinstance(saved.get(k), int) and now[k] >= saved[k]
-    return [f"--{k.replace('_', '-')} {now[k]} (the run in --out has {saved.get(k)})"
-            for k in now if k not in RESUME_NEUTRAL and saved.get(k) != now[k] and not extends(k)]
+    return [
+        f"--{k.replace('_', '-')} {now[k]} (the run in --out has {saved.get(k)})"
+        for k in now
+        if k not in RESUME_NEUTRAL and saved.get(k) != now[k] and not extends(k)
+    ]
 
 
 def load_checkpoint(out: Path) -> tuple[RunState, dict]:
@@ -840,13 +942,18 @@ def load_checkpoint(out: Path) -> tuple[RunState, dict]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise UsageError(f"refusing {path}: it holds pickled Python objects, not a checkpoint of plain tensors") from None
+        raise UsageError(
+            f"refusing {path}: it holds pickled Python objects, not a checkpoint of plain tensors"
+        ) from None
     except Exception as e:  # zip, EOF and format errors: a truncated or damaged file
         raise UsageError(f"{path} is corrupt or truncated ({type(e).__name__}: {one_line(e)[:120]})") from None
     try:
         state = RunState(**payload["state"])
-        meta = {"config": dict(payload["config"]), "device": str(payload["device"]),
-                "data_sha256": str(payload["data_sha256"])}
+        meta = {
+            "config": dict(payload["config"]),
+            "device": str(payload["device"]),
+            "data_sha256": str(payload["data_sha256"]),
+        }
         trials, members = meta["config"]["trials"], meta["config"]["trials"] * len(VARIANTS)
         shapes_ok = (
             payload["format"] == 1
@@ -869,20 +976,24 @@ def read_config_json(out: Path) -> Optional[dict]:
 
 
 def check_out(cfg: Config) -> None:
-    """Before anything is computed: --out must be a directory this run may write into."""
+    """Before anything is computed: --out must be a directory this run may write into. Files of
+    an earlier run there are never replaced silently; other files and folders are never touched."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
-    if cfg.resume or cfg.overwrite or not out.is_dir() or not any(out.iterdir()):
+    earlier = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if cfg.resume or cfg.overwrite or not earlier:
         return
-    earlier = read_config_json(out)
-    what = "files"
-    if earlier and isinstance(earlier.get("config"), dict):
-        diffs = config_differences(earlier["config"], cfg)
-        what = f"a {earlier.get('status', 'earlier')} run with other settings: {', '.join(diffs)}" if diffs else (
-            f"a {earlier.get('status', 'earlier')} run with these settings")
-    raise UsageError(f"--out {out}/ already holds {what}; pass --resume to continue it, --overwrite to replace "
-                     f"it, or choose another --out")
+    saved = read_config_json(out)
+    what = f"files of an earlier run ({', '.join(earlier)})"
+    if saved and isinstance(saved.get("config"), dict):
+        diffs = config_differences(saved["config"], cfg)
+        status = saved.get("status", "earlier")
+        what = f"a {status} run with other settings: {', '.join(diffs)}" if diffs else f"a {status} run like this one"
+    raise UsageError(
+        f"--out {out}/ already holds {what}; pass --resume to continue it, --overwrite to replace it, "
+        f"or choose another --out"
+    )
 
 
 def prepare_out(cfg: Config) -> Path:
@@ -916,8 +1027,10 @@ class StopSignal:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\nlot_improved: {signal.Signals(signum).name}: stopping after this step (again to stop at once)",
-              file=sys.stderr)
+        print(
+            f"\nlot_improved: {signal.Signals(signum).name}: stopping after this step (again to stop at once)",
+            file=sys.stderr,
+        )
 
 
 @contextlib.contextmanager
@@ -956,8 +1069,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lot_improved.py", description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(
+        prog="lot_improved.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
@@ -975,6 +1091,22 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     return Config(**vars(args))
 
 
+def replot(out: Path) -> int:
+    """Redraw summary.md and the figures of a finished (or interrupted) run from its results.csv."""
+    path = out / "results.csv"
+    try:
+        rows = pd.read_csv(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--replot: cannot read {path} ({type(e).__name__}: {one_line(e)[:120]})") from None
+    missing = {"trial", "round", "variant", "weights_pct", "test_acc", *(f"{n}_pct" for n in LAYERS)} - set(rows)
+    if missing or rows.empty:
+        raise UsageError(f"--replot: {path} is not a results.csv of this script (missing {sorted(missing)})")
+    summary, figures = write_outputs(rows, out)
+    print(summary)
+    show_inline(figures)
+    return EXIT_CODES["finished"]
+
+
 EXIT_CODES = {"finished": 0, "cannot write": 1, "bad input": 2, "diverged": 3, "SIGINT": 130, "SIGTERM": 143}
 
 
@@ -986,6 +1118,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         validate(cfg)
         device = resolve_device(cfg.device)
+        if cfg.replot:
+            return replot(Path(cfg.out))
         check_out(cfg)
         state, saved = None, {}
         if cfg.resume:
@@ -999,12 +1133,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if diffs:
                 raise UsageError(f"--resume: settings differ from the run in {cfg.out}/: {', '.join(diffs)}")
             if state and saved["device"] != str(device):
-                warn(f"resuming on {device} a run begun on {saved['device']}: later numbers may differ in the "
-                     "last bits from an uninterrupted run")
+                warn(
+                    f"resuming on {device} a run begun on {saved['device']}: later numbers may differ in the "
+                    "last bits from an uninterrupted run"
+                )
         arrays = load_mnist_arrays(cfg.data_dir)
         data_sha = fingerprint(arrays)
         if state and saved["data_sha256"] != data_sha:
-            raise UsageError(f"--resume: the MNIST found via --data-dir {cfg.data_dir} is not the data the run began with")
+            raise UsageError(
+                f"--resume: the MNIST found via --data-dir {cfg.data_dir} is not the data the run began with"
+            )
         train, test = to_splits(arrays, device, cfg.train_subset)
         out = prepare_out(cfg)
     except UsageError as e:
@@ -1018,9 +1156,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_config(cfg, device, out, status="running", data_sha256=data_sha)
         if state.round > 0:  # a kill may have come between a checkpoint and the tables
             write_tables(state, out)
-        print(f"lot_improved: {cfg.trials} trial(s) x {len(VARIANTS)} variants, {cfg.rounds + 1} rounds x "
-              f"{cfg.epochs} epochs on {len(train.y)} images, device {device}, writing to {out}/"
-              + (f", resuming at round {state.round} epoch {state.epoch}" if cfg.resume else ""), file=sys.stderr)
+        print(
+            f"lot_improved: {cfg.trials} trial(s) x {len(VARIANTS)} variants, {cfg.rounds + 1} rounds x "
+            f"{cfg.epochs} epochs on {len(train.y)} images, device {device}, writing to {out}/"
+            + (f", resuming at round {state.round} epoch {state.epoch}" if cfg.resume else ""),
+            file=sys.stderr,
+        )
 
         def save(state: RunState, round_done: bool) -> None:
             save_checkpoint(out, cfg, device, data_sha, state)
@@ -1033,24 +1174,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except (Paused, KeyboardInterrupt) as e:
                 name = signal.Signals(stop.signum or signal.SIGINT).name
                 if state.round > 0:
-                    write_outputs(state, out)
-                write_config(cfg, device, out, status="interrupted", data_sha256=data_sha,
-                             wall_time_s=round(time.perf_counter() - started, 1))
+                    write_outputs(pd.DataFrame(state.rows), out)
+                write_config(
+                    cfg,
+                    device,
+                    out,
+                    status="interrupted",
+                    data_sha256=data_sha,
+                    wall_time_s=round(time.perf_counter() - started, 1),
+                )
                 where = f"checkpoint at {e}" if isinstance(e, Paused) else "last checkpoint kept"
-                print(f"lot_improved: {name}: stopped, {state.round} round(s) finished, {where}; "
-                      f"resume with: {resume_command(cfg)}", file=sys.stderr)
+                print(
+                    f"lot_improved: {name}: stopped, {state.round} round(s) finished, {where}; "
+                    f"resume with: {resume_command(cfg)}",
+                    file=sys.stderr,
+                )
                 return EXIT_CODES[name]
             except Diverged as e:
                 write_config(cfg, device, out, status="diverged", data_sha256=data_sha)
-                print(f"lot_improved: error: {e}; finished rounds and the last good checkpoint are kept in {out}/",
-                      file=sys.stderr)
+                print(
+                    f"lot_improved: error: {e}; finished rounds and the last good checkpoint are kept in {out}/",
+                    file=sys.stderr,
+                )
                 return EXIT_CODES["diverged"]
-        summary, figures = write_outputs(state, out)
+        summary, figures = write_outputs(pd.DataFrame(state.rows), out)
         wall = time.perf_counter() - started
         write_config(cfg, device, out, status="finished", data_sha256=data_sha, wall_time_s=round(wall, 1))
     except OSError as e:  # a full disk, a vanished directory: finished files stay as they were
-        print(f"lot_improved: error: cannot write to {cfg.out}/ ({e.strerror or one_line(e)}); every file already "
-              f"there is complete; free space and resume with: {resume_command(cfg)}", file=sys.stderr)
+        print(
+            f"lot_improved: error: cannot write to {cfg.out}/ ({e.strerror or one_line(e)}); every file already "
+            f"there is complete; free space and resume with: {resume_command(cfg)}",
+            file=sys.stderr,
+        )
         return EXIT_CODES["cannot write"]
     print("\n" + summary)
     print(f"lot_improved: finished in {wall / 60:.1f} min; outputs in {out}/", file=sys.stderr)

@@ -17,8 +17,9 @@ TINY = ["--train-subset", "600", "--rounds", "2", "--epochs", "2"]
 
 def run_cli(*args, cwd=ROOT):
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,16 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_writes_every_output_and_nothing_half_written(tiny_run):
     out, _ = tiny_run
-    expected = {"results.csv", "curves.csv", "masks.pt", "graph_improved.png", "layers.png", "summary.md",
-                "config.json"}
+    expected = {
+        "results.csv",
+        "curves.csv",
+        "masks.pt",
+        "graph_improved.png",
+        "layers.png",
+        "summary.md",
+        "config.json",
+        "checkpoint.pt",
+    }
     assert {p.name for p in out.iterdir()} == expected  # no temp files left behind
     for png in ("graph_improved.png", "layers.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -40,8 +49,19 @@ def test_tiny_run_writes_every_output_and_nothing_half_written(tiny_run):
 
 def test_results_csv_has_one_row_per_trial_round_variant_with_exact_weight_counts(tiny_run):
     rows = pd.read_csv(tiny_run[0] / "results.csv")
-    assert list(rows.columns) == ["trial", "round", "variant", "weights", "weights_pct", "fc1_pct", "fc2_pct",
-                                  "fc3_pct", "train_loss", "test_loss", "test_acc"]
+    assert list(rows.columns) == [
+        "trial",
+        "round",
+        "variant",
+        "weights",
+        "weights_pct",
+        "fc1_pct",
+        "fc2_pct",
+        "fc3_pct",
+        "train_loss",
+        "test_loss",
+        "test_acc",
+    ]
     assert len(rows) == 2 * 3 * 2 and not rows.duplicated(["trial", "round", "variant"]).any()
     assert sorted(rows.weights.unique(), reverse=True) == [266200, 212960, 170368]
     assert rows.weights_pct.round(2).tolist().count(64.0) == 4
@@ -165,7 +185,9 @@ def test_notebook_kernel_arguments_are_ignored_with_one_warning(tmp_path, monkey
     monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/share/jupyter/kernel-1.json"])
     assert lot.parse_config() == lot.Config()
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["lot_improved: warning: ignoring unrecognised arguments: -f /root/.local/share/jupyter/kernel-1.json"]
+    assert err == [
+        "lot_improved: warning: ignoring unrecognised arguments: -f /root/.local/share/jupyter/kernel-1.json"
+    ]
 
 
 def test_pasted_into_a_notebook_cell_it_runs_shows_plots_and_never_raises_system_exit(tmp_path, monkeypatch):
@@ -181,8 +203,22 @@ def test_pasted_into_a_notebook_cell_it_runs_shows_plots_and_never_raises_system
     monkeypatch.setitem(sys.modules, "IPython", ipython)
     monkeypatch.setitem(sys.modules, "IPython.display", display)
     out = tmp_path / "nb"
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "k.json", *TINY, "--rounds", "1",
-                                      "--data-dir", str(ROOT / "data"), "--out", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "ipykernel_launcher.py",
+            "-f",
+            "k.json",
+            *TINY,
+            "--rounds",
+            "1",
+            "--data-dir",
+            str(ROOT / "data"),
+            "--out",
+            str(out),
+        ],
+    )
     exec(compile(SCRIPT.read_text(), "<cell>", "exec"), {"__name__": "__main__"})
     assert (out / "results.csv").exists()
     assert shown == [str(out / "graph_improved.png"), str(out / "layers.png")]
@@ -205,3 +241,17 @@ def test_readme_flags_table_lists_exactly_the_cli_flags_with_their_defaults():
     for flag, default in flags.items():
         if isinstance(default, (int, float, str)) and not isinstance(default, bool):
             assert documented[flag] == str(default), flag
+
+
+def test_replot_redraws_summary_and_figures_from_results_csv_alone(tiny_run, tmp_path, capsys):
+    out = tmp_path / "replot"
+    out.mkdir()
+    (out / "results.csv").write_bytes((tiny_run[0] / "results.csv").read_bytes())
+    assert lot.main(["--replot", "--out", str(out)]) == 0
+    assert (out / "summary.md").read_text() == (tiny_run[0] / "summary.md").read_text()
+    for png in ("graph_improved.png", "layers.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert lot.main(["--replot", "--out", str(empty)]) == 2
+    assert "cannot read" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -34,8 +34,12 @@ def test_data_dir_may_name_the_npz_itself(synthetic_npz):
 def write_idx(folder, arrays):
     raw = folder / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name, key in [("train-images-idx3-ubyte", "x_train"), ("train-labels-idx1-ubyte", "y_train"),
-                      ("t10k-images-idx3-ubyte", "x_test"), ("t10k-labels-idx1-ubyte", "y_test")]:
+    for name, key in [
+        ("train-images-idx3-ubyte", "x_train"),
+        ("train-labels-idx1-ubyte", "y_train"),
+        ("t10k-images-idx3-ubyte", "x_test"),
+        ("t10k-labels-idx1-ubyte", "y_test"),
+    ]:
         a = arrays[key]
         header = struct.pack(">IIII", 2051, *a.shape) if a.ndim == 3 else struct.pack(">II", 2049, len(a))
         (raw / name).write_bytes(header + a.tobytes())

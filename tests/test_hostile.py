@@ -53,6 +53,7 @@ def set_checkpoint(make):
     def setup(out, tmp):
         make(out / "checkpoint.pt")
         return []
+
     return setup
 
 
@@ -81,8 +82,10 @@ CASES = {
     "resume and overwrite": (flag_case("--overwrite"), 2),
     # data files
     "corrupt data file": (lambda out, tmp: ["--data-dir", str(_bytes(tmp / "c" / "mnist.npz", b"garbage" * 99))], 2),
-    "truncated data file": (lambda out, tmp: ["--data-dir", str(_bytes(tmp / "t" / "mnist.npz",
-                                                                        MNIST_NPZ.read_bytes()[:4096]))], 2),
+    "truncated data file": (
+        lambda out, tmp: ["--data-dir", str(_bytes(tmp / "t" / "mnist.npz", MNIST_NPZ.read_bytes()[:4096]))],
+        2,
+    ),
     "empty data file": (lambda out, tmp: ["--data-dir", str(_bytes(tmp / "e" / "mnist.npz", b""))], 2),
     "wrong-shaped images": (data_case(x_train=np.zeros((120, 28, 27), np.uint8)), 2),
     "labels out of 0..9": (data_case(y_train=np.arange(120) % 12), 2),
@@ -144,9 +147,15 @@ def test_out_in_a_read_only_directory(tmp_path, capsys, monkeypatch):
     locked.chmod(0o555)
     if os.geteuid() == 0:  # root writes anyway: make the filesystem say no, as a read-only mount would
         real = lot.Path.write_bytes
-        monkeypatch.setattr(lot.Path, "write_bytes", lambda self, data: (
-            (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")) if locked in self.parents
-            else real(self, data)))
+        monkeypatch.setattr(
+            lot.Path,
+            "write_bytes",
+            lambda self, data: (
+                (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system"))
+                if locked in self.parents
+                else real(self, data)
+            ),
+        )
     assert lot.main([*RUN, "--out", str(locked / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not writable" in err[0]

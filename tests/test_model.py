@@ -23,8 +23,9 @@ def load_member(seq: nn.Sequential, params, m: int) -> None:
 def random_stack(trials: int, per: int, seed: int = 0, dtype=torch.float32):
     members = trials * per
     net = lot.LeNetStack(members, per, torch.device("cpu")).to(dtype)
-    params = lot.stack_members([lot.default_init(torch.Generator().manual_seed(seed + m)) for m in range(members)],
-                               torch.device("cpu"))
+    params = lot.stack_members(
+        [lot.default_init(torch.Generator().manual_seed(seed + m)) for m in range(members)], torch.device("cpu")
+    )
     net.load([p.to(dtype) for p in params])
     return net
 

@@ -21,8 +21,14 @@ OUTPUTS = ("results.csv", "curves.csv", "masks.pt")
 
 def launch(out, *extra):
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    return subprocess.Popen([sys.executable, str(SCRIPT), *ARGS, "--out", str(out), *extra], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), *ARGS, "--out", str(out), *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_until_training(proc, out, since):
@@ -52,7 +58,7 @@ def assert_identical(out, reference):
 def test_sigkill_at_random_moments_and_resume_ends_byte_identical(tmp_path, reference):
     out, rng = tmp_path / "out", random.Random(2019)
     kills, resume = 0, []
-    for attempt in range(12):
+    for _ in range(12):
         since = time.time() - 1
         proc = launch(out, *resume)
         started = wait_until_training(proc, out, since)
@@ -80,7 +86,7 @@ def test_signal_finishes_the_step_checkpoints_says_how_to_resume_and_exits(tmp_p
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == code
     err = proc.stderr.read()
-    assert f"resume with: python lot_improved.py" in err and "--resume" in err and "Traceback" not in err
+    assert "resume with: python lot_improved.py" in err and "--resume" in err and "Traceback" not in err
     state, _ = lot.load_checkpoint(out)
     assert state.step > 0 or state.epoch > 1 or state.round > 0  # some work was kept
     assert json.loads((out / "config.json").read_text())["status"] == "interrupted"
@@ -165,3 +171,13 @@ def test_checkpoint_holds_only_plain_tensors_and_containers(tmp_path):
     payload = torch.load(out / "checkpoint.pt", weights_only=True)
     assert payload["format"] == 1 and payload["config"]["rounds"] == 1
     assert payload["state"]["round"] == 2 and len(payload["state"]["rows"]) == 4
+
+
+def test_unrelated_files_in_out_neither_block_a_run_nor_get_touched(tmp_path):
+    out = tmp_path / "out"
+    (out / "committed_run").mkdir(parents=True)
+    (out / "committed_run" / "results.csv").write_text("theirs")
+    (out / "notes.txt").write_text("mine")
+    assert lot.main([*TINY, "--rounds", "1", "--out", str(out)]) == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "committed_run" / "results.csv").read_text() == "theirs"
