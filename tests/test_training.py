@@ -98,3 +98,24 @@ def test_evaluate_matches_nn_sequential_accuracy_and_loss(mnist):
             out = seq(small.x)
         assert acc[m].item() == pytest.approx(100.0 * (out.argmax(1) == small.y).float().mean().item(), abs=1e-3)
         assert loss[m].item() == pytest.approx(nn.functional.cross_entropy(out, small.y).item(), rel=1e-5)
+
+
+def test_data_parallel_training_path_matches_the_fast_path():
+    # Without GPUs nn.DataParallel calls the module directly, but train_epoch still takes the
+    # autograd branch that several GPUs would use; it must train exactly like the fast path.
+    torch.manual_seed(3)
+    fast, wrapped = random_stack(1, 2), random_stack(1, 2)
+    masks = half_masks(2, seed=4)
+    start_on_masks(fast, masks)
+    start_on_masks(wrapped, masks)
+    data = lot.Split(torch.randn(240, 784), torch.randint(0, 10, (240,)))
+    order = torch.randperm(240).unsqueeze(0)
+    dp = nn.DataParallel(wrapped, dim=1)
+    assert lot.unwrap(dp) is wrapped
+    for net, stack in ((fast, fast), (dp, wrapped)):
+        opt = lot.MaskedSGD(stack, [m.float() for m in masks], lr=0.05, momentum=0.9)
+        lot.train_epoch(net, opt, data, order, 60)
+    for a, b in zip(fast.parameters(), wrapped.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for w, m in zip(wrapped.weights, masks):
+        assert (w[~m] == 0.0).all()
