@@ -63,15 +63,56 @@ Tensor = torch.Tensor
 
 @dataclass
 class Config:
-    """Every setting of a run. Each field is a command-line flag: `batch_size` is --batch-size."""
+    """Every setting of a run. Each field is a command-line flag: `batch_size` is --batch-size.
+    The defaults are the `improved` preset; --preset picks another, and explicit flags win."""
 
-    lr: float = field(default=0.01, metadata={"help": "SGD learning rate"})
+    preset: str = field(
+        default="improved",
+        metadata={
+            "help": "improved (these defaults) | prototype (the original lot.py) | paper (Frankle & Carbin's "
+            "LeNet setup); explicit flags override the preset"
+        },
+    )
+    optimizer: str = field(default="sgd", metadata={"help": "sgd | adam"})
+    lr: float = field(default=0.01, metadata={"help": "learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     batch_size: int = field(default=60, metadata={"help": "minibatch size"})
     epochs: int = field(default=20, metadata={"help": "training epochs per round"})
+    iterations: Optional[int] = field(
+        default=None, metadata={"help": "training length per round in iterations, instead of --epochs"}
+    )
     rounds: int = field(default=20, metadata={"help": "pruning rounds after the dense round 0 (rounds+1 trainings)"})
     prune_rate: float = field(
         default=0.2, metadata={"help": "fraction of the surviving weights removed per round, in (0, 1)"}
+    )
+    scope: str = field(
+        default="global", metadata={"help": "global (one ranking across fc1, fc2, fc3) | layer (a rate per layer)"}
+    )
+    layer_rates: Optional[str] = field(
+        default=None,
+        metadata={"help": "with --scope layer: prune rates of fc1,fc2,fc3, or one for all (default: --prune-rate)"},
+    )
+    init: str = field(
+        default="kaiming-uniform",
+        metadata={"help": "kaiming-uniform (PyTorch's nn.Linear default) | xavier-normal (the paper's Glorot init)"},
+    )
+    controls: str = field(
+        default="reinit",
+        metadata={
+            "help": "comma list of controls beside each ticket: reinit (its mask, a fresh init) and/or random "
+            "(a random mask with its per-layer counts, trained from W0)"
+        },
+    )
+    oneshot: bool = field(
+        default=False,
+        metadata={"help": "also train one-shot tickets: pruned once from the dense round-0 weights to each level"},
+    )
+    rewind_to: str = field(
+        default="0it",
+        metadata={
+            "help": "0it rewinds tickets to W0; e.g. 500it or 2ep adds a ticket rewound to that point of round-0 "
+            "training (variant late_rewind)"
+        },
     )
     seed: int = field(default=0, metadata={"help": "master seed: W0, controls and data order derive from it"})
     trials: int = field(default=1, metadata={"help": "independent trials (own W0, control draws, data order), stacked"})
@@ -93,6 +134,30 @@ class Config:
         default=False, metadata={"help": "only redraw summary.md and the figures from results.csv in --out"}
     )
 
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "improved": {},  # the original lot_improved.py: global pruning, SGD, 20 epochs
+    "prototype": {  # the original lot.py
+        "scope": "layer",
+        "layer_rates": "0.2",
+        "optimizer": "adam",
+        "lr": 1.2e-3,
+        "batch_size": 64,
+        "epochs": 5,
+        "rounds": 10,
+    },
+    "paper": {  # Frankle & Carbin, LeNet-300-100 on MNIST
+        "scope": "layer",
+        "layer_rates": "0.2,0.2,0.1",
+        "optimizer": "adam",
+        "lr": 1.2e-3,
+        "batch_size": 60,
+        "iterations": 50_000,
+        "init": "xavier-normal",
+    },
+}
+CHOICES = {"optimizer": ("sgd", "adam"), "scope": ("global", "layer"), "init": ("kaiming-uniform", "xavier-normal")}
+CONTROLS = ("reinit", "random")
 
 # Settings that may differ when resuming: they change where files go or how the work is spread,
 # not what is computed (a different device changes only the last bits; resuming warns).
@@ -119,6 +184,79 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"--seed must be non-negative, got {cfg.seed}")
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume continues the run in --out, --overwrite replaces it: choose one")
+    if cfg.iterations is not None and cfg.iterations <= 0:
+        raise UsageError(f"--iterations must be a positive integer, got {cfg.iterations}")
+    for name, options in CHOICES.items():
+        if getattr(cfg, name) not in options:
+            raise UsageError(f"--{name} must be one of {', '.join(options)}, got {getattr(cfg, name)!r}")
+    layer_rates(cfg)  # each of these raises on a malformed value
+    controls(cfg)
+    rewind_point(cfg)
+    if cfg.layer_rates is not None and cfg.scope == "global":
+        raise UsageError("--layer-rates needs --scope layer (global pruning ranks all layers with --prune-rate)")
+
+
+def layer_rates(cfg: Config) -> tuple[float, ...]:
+    """Prune rate of each layer under --scope layer: three values, or one for all."""
+    if cfg.layer_rates is None:
+        return (cfg.prune_rate,) * len(LAYERS)
+    try:
+        rates = tuple(float(v) for v in cfg.layer_rates.split(","))
+    except ValueError:
+        raise UsageError(f"--layer-rates must be numbers separated by commas, got {cfg.layer_rates!r}") from None
+    rates = rates * len(LAYERS) if len(rates) == 1 else rates
+    if len(rates) != len(LAYERS) or not all(0.0 < r < 1.0 for r in rates):
+        raise UsageError(f"--layer-rates must be 1 or {len(LAYERS)} rates in (0, 1), got {cfg.layer_rates!r}")
+    return rates
+
+
+def controls(cfg: Config) -> tuple[str, ...]:
+    chosen = tuple(c.strip() for c in cfg.controls.split(","))
+    if not chosen or not set(chosen) <= set(CONTROLS) or len(set(chosen)) != len(chosen):
+        raise UsageError(f"--controls must be a comma list of {', '.join(CONTROLS)}, got {cfg.controls!r}")
+    return chosen
+
+
+def rewind_point(cfg: Config) -> tuple[int, str]:
+    """--rewind-to as (count, unit): 500it is (500, "it"), 2ep is (2, "ep")."""
+    match = re.fullmatch(r"(\d+)(it|ep)", cfg.rewind_to)
+    if not match:
+        raise UsageError(
+            f"--rewind-to must be a count of iterations or epochs like 0it, 500it or 2ep, got {cfg.rewind_to!r}"
+        )
+    return int(match[1]), match[2]
+
+
+def steps_per_epoch(cfg: Config, n_train: int) -> int:
+    return math.ceil(n_train / cfg.batch_size)
+
+
+def round_steps(cfg: Config, n_train: int) -> int:
+    """Training length of every round in iterations: --iterations, else --epochs full epochs."""
+    return cfg.iterations or cfg.epochs * steps_per_epoch(cfg, n_train)
+
+
+def rewind_iteration(cfg: Config, n_train: int) -> int:
+    count, unit = rewind_point(cfg)
+    k = count * (steps_per_epoch(cfg, n_train) if unit == "ep" else 1)
+    if k > round_steps(cfg, n_train):
+        raise UsageError(
+            f"--rewind-to {cfg.rewind_to} is past the end of a round ({round_steps(cfg, n_train)} iterations)"
+        )
+    return k
+
+
+def variants(cfg: Config) -> tuple[str, ...]:
+    """The members trained beside each other in every trial, in stacking order."""
+    names = {"reinit": "control", "random": "random"}
+    chosen = controls(cfg)
+    late = rewind_point(cfg)[0] > 0
+    return (
+        "ticket",
+        *(names[c] for c in CONTROLS if c in chosen),
+        *(["oneshot"] if cfg.oneshot else []),
+        *(["late_rewind"] if late else []),
+    )
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -135,15 +273,15 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
-def derive_seed(seed: int, trial: int, stream: str) -> int:
-    """Independent 63-bit seeds per (trial, stream), so streams never disturb each other."""
-    stream_id = {"init": 0, "control": 1, "data": 2}[stream]
-    return int(np.random.SeedSequence([seed, trial, stream_id]).generate_state(1, np.uint64)[0] >> 1)
+def derive_seed(seed: int, trial: int, stream: str, *more: int) -> int:
+    """Independent 63-bit seeds per (trial, stream, ...), so streams never disturb each other."""
+    stream_id = {"init": 0, "control": 1, "data": 2, "random": 3}[stream]
+    return int(np.random.SeedSequence([seed, trial, stream_id, *more]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def make_generator(seed: int, trial: int, stream: str) -> torch.Generator:
+def make_generator(seed: int, trial: int, stream: str, *more: int) -> torch.Generator:
     # CPU generators: the same draws on every device, then moved.
-    return torch.Generator().manual_seed(derive_seed(seed, trial, stream))
+    return torch.Generator().manual_seed(derive_seed(seed, trial, stream, *more))
 
 
 # ==================================================================================================
@@ -266,15 +404,19 @@ SHAPES = tuple((out, inp) for inp, out in zip(DIMS[:-1], DIMS[1:]))  # (out, in)
 PRUNABLE = sum(o * i for o, i in SHAPES)  # 266,200 weights; the 410 biases are never pruned
 
 
-def default_init(generator: torch.Generator) -> list[Tensor]:
-    """One LeNet's [w1, w2, w3, b1, b2, b3] exactly as nn.Linear draws them (same generator state,
-    same numbers): kaiming_uniform(a=sqrt 5) weights, U(+-1/sqrt(fan_in)) biases."""
+def default_init(generator: torch.Generator, scheme: str = "kaiming-uniform") -> list[Tensor]:
+    """One LeNet's [w1, w2, w3, b1, b2, b3]. kaiming-uniform: exactly what nn.Linear draws (same
+    generator state, same numbers): kaiming_uniform(a=sqrt 5) weights, U(+-1/sqrt(fan_in)) biases.
+    xavier-normal: Glorot-normal weights and zero biases, the paper's (TensorFlow) default."""
     weights, biases = [], []
     for out, inp in SHAPES:
-        w = torch.empty(out, inp)
-        nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
-        b = torch.empty(out)
-        nn.init.uniform_(b, -1 / math.sqrt(inp), 1 / math.sqrt(inp), generator=generator)
+        w, b = torch.empty(out, inp), torch.empty(out)
+        if scheme == "xavier-normal":
+            nn.init.xavier_normal_(w, generator=generator)
+            nn.init.zeros_(b)
+        else:
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+            nn.init.uniform_(b, -1 / math.sqrt(inp), 1 / math.sqrt(inp), generator=generator)
         weights.append(w)
         biases.append(b)
     return weights + biases
@@ -405,15 +547,53 @@ def surviving_schedule(total: int, rate: float, rounds: int) -> list[int]:
     return counts
 
 
-def global_magnitude_prune(weights: Sequence[Tensor], masks: Sequence[Tensor], rate: float) -> list[Tensor]:
-    """One network's new masks: drop the round(rate * surviving) smallest |w| among the survivors,
-    ranked across all layers together. Ties go by position (fc1 before fc2, row-major), so the
-    result is deterministic. Already-pruned weights score +inf and are never chosen again."""
+def prune_smallest(weights: Sequence[Tensor], masks: Sequence[Tensor], k: int) -> list[Tensor]:
+    """New masks without the k smallest |w| among the survivors, ranked across all the given
+    layers together. Ties go by position (first layer first, row-major), so the result is
+    deterministic. Already-pruned weights score +inf and are never chosen again."""
     scores = torch.cat([torch.where(m, w.abs(), torch.inf).flatten() for w, m in zip(weights, masks)])
     flat = torch.cat([m.flatten() for m in masks])
-    k = prune_count(int(flat.sum()), rate)
     flat[torch.sort(scores, stable=True).indices[:k]] = False
     return [part.view_as(m) for part, m in zip(flat.split([m.numel() for m in masks]), masks)]
+
+
+def global_magnitude_prune(weights: Sequence[Tensor], masks: Sequence[Tensor], rate: float) -> list[Tensor]:
+    """One network's new masks: drop round(rate * surviving) of its weights, smallest |w| first,
+    all layers ranked together."""
+    return prune_smallest(weights, masks, prune_count(sum(int(m.sum()) for m in masks), rate))
+
+
+def layerwise_magnitude_prune(
+    weights: Sequence[Tensor], masks: Sequence[Tensor], rates: Sequence[float]
+) -> list[Tensor]:
+    """Each layer loses round(rate_l * its survivors), smallest |w| first within the layer."""
+    return [prune_smallest([w], [m], prune_count(int(m.sum()), r))[0] for w, m, r in zip(weights, masks, rates)]
+
+
+def magnitude_prune(cfg: Config, weights: Sequence[Tensor], masks: Sequence[Tensor]) -> list[Tensor]:
+    if cfg.scope == "layer":
+        return layerwise_magnitude_prune(weights, masks, layer_rates(cfg))
+    return global_magnitude_prune(weights, masks, cfg.prune_rate)
+
+
+def oneshot_masks(cfg: Config, dense_weights: Sequence[Tensor], rnd: int) -> list[Tensor]:
+    """Masks pruned in one go from the dense trained weights to round rnd's level of the
+    iterative schedule: the same total (global) or per-layer (layer scope) count."""
+    full = [torch.ones_like(w, dtype=torch.bool) for w in dense_weights]
+    if cfg.scope == "layer":
+        kept = [surviving_schedule(m.numel(), r, rnd)[-1] for m, r in zip(full, layer_rates(cfg))]
+        return [prune_smallest([w], [m], m.numel() - k)[0] for w, m, k in zip(dense_weights, full, kept)]
+    return prune_smallest(dense_weights, full, PRUNABLE - surviving_schedule(PRUNABLE, cfg.prune_rate, rnd)[-1])
+
+
+def random_masks(counts: Sequence[int], generator: torch.Generator) -> list[Tensor]:
+    """Uniformly random masks keeping counts[l] weights of layer l."""
+    masks = []
+    for (out, inp), k in zip(SHAPES, counts):
+        flat = torch.zeros(out * inp, dtype=torch.bool)
+        flat[torch.randperm(out * inp, generator=generator)[:k]] = True
+        masks.append(flat.view(out, inp))
+    return masks
 
 
 def rewind(init: Sequence[Tensor], masks: Sequence[Tensor]) -> list[Tensor]:
@@ -437,12 +617,17 @@ class MaskedSGD:
         self.masks = list(masks)
         self.lr, self.momentum = lr, momentum
         self.bufs = [torch.zeros_like(p) for p in self.params]
+        self.steps = 0
+
+    def state(self) -> list[Tensor]:
+        return self.bufs
 
     @torch.no_grad()
     def reset(self) -> None:
-        """A fresh optimiser for a new round: zero momentum."""
-        for b in self.bufs:
-            b.zero_()
+        """A fresh optimiser for a new round."""
+        for t in self.state():
+            t.zero_()
+        self.steps = 0
 
     @torch.no_grad()
     def step(self) -> None:
@@ -452,6 +637,43 @@ class MaskedSGD:
         torch._foreach_addcmul_(self.bufs[:n], grads[:n], self.masks)  # grad * mask is exact: same bits
         torch._foreach_add_(self.bufs[n:], grads[n:])
         torch._foreach_add_(self.params, self.bufs, alpha=-self.lr)
+        self.steps += 1
+
+
+class MaskedAdam(MaskedSGD):
+    """torch.optim.Adam's update (betas 0.9, 0.999, eps 1e-8; its foreach kernels, in its order)
+    on masked gradients: a pruned weight's moments stay 0, so its update 0 / (0 + eps) is 0."""
+
+    betas, eps = (0.9, 0.999), 1e-8
+
+    def __init__(self, net: LeNetStack, masks: Sequence[Tensor], lr: float):
+        super().__init__(net, masks, lr, momentum=0.0)
+        self.bufs = [torch.zeros_like(p) for p in self.params]  # first moments
+        self.squares = [torch.zeros_like(p) for p in self.params]  # second moments
+
+    def state(self) -> list[Tensor]:
+        return self.bufs + self.squares
+
+    @torch.no_grad()
+    def step(self) -> None:
+        n = len(self.masks)
+        grads = [p.grad for p in self.params]
+        torch._foreach_mul_(grads[:n], self.masks)
+        self.steps += 1
+        (beta1, beta2), t = self.betas, self.steps
+        torch._foreach_lerp_(self.bufs, grads, 1 - beta1)
+        torch._foreach_mul_(self.squares, beta2)
+        torch._foreach_addcmul_(self.squares, grads, grads, 1 - beta2)
+        denom = torch._foreach_sqrt(self.squares)
+        torch._foreach_div_(denom, math.sqrt(1 - beta2**t))
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(self.params, self.bufs, denom, -self.lr / (1 - beta1**t))
+
+
+def make_optimizer(cfg: Config, net: LeNetStack) -> MaskedSGD:
+    if cfg.optimizer == "adam":
+        return MaskedAdam(net, [], cfg.lr)
+    return MaskedSGD(net, [], cfg.lr, cfg.momentum)
 
 
 def train_epoch(
@@ -463,17 +685,18 @@ def train_epoch(
     first_step: int = 0,
     loss_sum: Optional[Tensor] = None,
     stop: Callable[[], bool] = lambda: False,
+    until: Optional[int] = None,
 ) -> tuple[Tensor, int]:
-    """Steps first_step.. of one epoch (batches are slices of order [trials, n]) for every member.
+    """Steps first_step .. until-1 of one epoch (batches are slices of order [trials, n]) for
+    every member; until defaults to the whole epoch.
 
-    Returns the per-member sum of training losses (added to loss_sum) and the next step: the
-    epoch's step count, or fewer if stop() asked to pause. Nothing here reads a tensor back to
-    the host, so GPU steps queue without waiting."""
+    Returns the per-member sum of training losses (added to loss_sum) and the next step: until,
+    or fewer if stop() asked to pause. Nothing here reads a tensor back to the host, so GPU
+    steps queue without waiting."""
     stack = unwrap(net)
-    n = order.shape[1]
-    steps = math.ceil(n / batch_size)
+    until = math.ceil(order.shape[1] / batch_size) if until is None else until
     total = torch.zeros(stack.members, device=order.device) if loss_sum is None else loss_sum
-    for step in range(first_step, steps):
+    for step in range(first_step, until):
         idx = order[:, step * batch_size : (step + 1) * batch_size]
         if net is stack:
             losses = stack.backprop(train.x[idx], train.y[idx])
@@ -486,7 +709,7 @@ def train_epoch(
         total += losses.sum(1)
         if stop():
             return total, step + 1
-    return total, steps
+    return total, until
 
 
 EVAL_CHUNK = 10_000
@@ -511,10 +734,15 @@ def evaluate(net: nn.Module, data: Split) -> tuple[Tensor, Tensor]:
 # Experiment: iterative magnitude pruning, a ticket and a control per trial, all stacked
 # ==================================================================================================
 
-VARIANTS = ("ticket", "control")
-
-
 NEVER = torch.iinfo(torch.int32).max  # pruned_at of a weight that is still alive
+ITERATIVE = ("ticket", "late_rewind")  # variants that prune themselves, round after round
+LABELS = {
+    "ticket": "Ticket",
+    "control": "Control",
+    "random": "Random mask",
+    "oneshot": "One-shot",
+    "late_rewind": "Late rewind",
+}
 
 
 @dataclass
@@ -523,17 +751,21 @@ class RunState:
 
     (round, epoch, step) is the next step to take; epoch 1 step 0 means the round has not begun
     (its pruning and rewind are still to do). Masks nest, so one integer per weight, the round it
-    was pruned in, stores every round's mask: mask of round r = pruned_at > r."""
+    was pruned in, stores every round's mask: mask of round r = pruned_at > r. The other
+    variants' masks follow from these, the seed and `dense`."""
 
     round: int
     epoch: int
     step: int
     w0: list[Tensor]  # per parameter [trials, ...]: each trial's W0 (kept: rewinding is a copy)
-    pruned_at: list[Tensor]  # per layer [trials, out, in] int32
+    pruned_at: dict[str, list[Tensor]]  # per ITERATIVE variant, per layer [trials, out, in] int32
     control_rng: list[Tensor]  # generator states of the control draws
     data_rng: list[Tensor]  # generator states of the data order, at the start of the current epoch
+    dense: list[Tensor] = field(default_factory=list)  # the tickets' trained round-0 weights (one-shot)
+    rewind_point: list[Tensor] = field(default_factory=list)  # weights at --rewind-to in round 0
     params: list[Tensor] = field(default_factory=list)  # per parameter [members, ...]: current weights
-    momentum: list[Tensor] = field(default_factory=list)  # the optimiser's buffers, like params
+    opt_state: list[Tensor] = field(default_factory=list)  # the optimiser's buffers
+    opt_steps: int = 0
     loss_sum: Optional[Tensor] = None  # training-loss sum of the epoch in progress
     rows: list[dict] = field(default_factory=list)  # results.csv
     curves: list[dict] = field(default_factory=list)  # curves.csv
@@ -549,20 +781,47 @@ class Diverged(Exception):
 
 def fresh_state(cfg: Config) -> RunState:
     trials = range(cfg.trials)
-    w0 = [default_init(make_generator(cfg.seed, t, "init")) for t in trials]
+    w0 = [default_init(make_generator(cfg.seed, t, "init"), cfg.init) for t in trials]
+    alive = lambda: [torch.full((cfg.trials, o, i), NEVER, dtype=torch.int32) for o, i in SHAPES]
     return RunState(
         round=0,
         epoch=1,
         step=0,
         w0=[torch.stack([w[i] for w in w0]) for i in range(len(w0[0]))],
-        pruned_at=[torch.full((cfg.trials, o, i), NEVER, dtype=torch.int32) for o, i in SHAPES],
+        pruned_at={v: alive() for v in variants(cfg) if v in ITERATIVE},
         control_rng=[make_generator(cfg.seed, t, "control").get_state() for t in trials],
         data_rng=[make_generator(cfg.seed, t, "data").get_state() for t in trials],
     )
 
 
-def masks_of(state: RunState, trial: int, rnd: int) -> list[Tensor]:
-    return [p[trial] > rnd for p in state.pruned_at]
+def member_masks(cfg: Config, state: RunState, trial: int, variant: str, rnd: int) -> list[Tensor]:
+    """A member's masks in round rnd. The control shares its ticket's; the random control draws
+    a mask with the ticket's per-layer counts (from its own seeded stream, so any round's can be
+    drawn again); the one-shot ticket prunes the dense trained weights straight to the level."""
+    if variant in state.pruned_at:
+        return [p[trial] > rnd for p in state.pruned_at[variant]]
+    ticket = [p[trial] > rnd for p in state.pruned_at["ticket"]]
+    if variant == "control" or rnd == 0:
+        return ticket
+    if variant == "random":
+        return random_masks([int(m.sum()) for m in ticket], make_generator(cfg.seed, trial, "random", rnd))
+    return oneshot_masks(cfg, [w[trial] for w in state.dense[: len(LAYERS)]], rnd)
+
+
+def member_start(
+    variant: str,
+    masks: Sequence[Tensor],
+    w0: Sequence[Tensor],
+    control_gen: torch.Generator,
+    init: str,
+    rewind_point: Sequence[Tensor] = (),
+) -> list[Tensor]:
+    """A member's weights at the start of a round: tickets (iterative, one-shot) and the random
+    control rewind to W0, the late-rewound ticket to its rewind point once it has one, and the
+    reinit control gets a fresh draw from the same init; always times the mask."""
+    if variant == "control":
+        return rewind(default_init(control_gen, init), masks)
+    return rewind(rewind_point if variant == "late_rewind" and len(rewind_point) else w0, masks)
 
 
 def generators(states: Sequence[Tensor]) -> list[torch.Generator]:
@@ -581,27 +840,22 @@ def layer_percentages(masks: Sequence[Tensor]) -> dict[str, float]:
     return {"weights": sum(int(m.sum()) for m in masks), "weights_pct": round(100.0 * masked_fraction(masks), 4), **pct}
 
 
-def round_starts(w0: Sequence[Tensor], masks: Sequence[Tensor], control_gen: torch.Generator) -> list[list[Tensor]]:
-    """Starting parameters of one trial's members, in VARIANTS order: the ticket is W0 on the
-    mask; the control is a fresh draw from the same init on the same mask."""
-    return [rewind(w0, masks), rewind(default_init(control_gen), masks)]
-
-
-def last_accuracies(test_acc: Sequence[float], masks: Sequence[Tensor]) -> dict[str, str]:
+def last_accuracies(names: Sequence[str], test_acc: Sequence[float], masks: Sequence[Tensor]) -> dict[str, str]:
     """Progress-bar postfix: weights remaining and each variant's test accuracy, mean of trials."""
-    per = len(VARIANTS)
-    accs = {v: f"{np.mean(test_acc[i::per]):.2f}" for i, v in enumerate(VARIANTS)}
+    accs = {v: f"{np.mean(test_acc[i :: len(names)]):.2f}" for i, v in enumerate(names)}
     return {"weights": f"{100 * masked_fraction(masks):.2f}%", **accs}
 
 
-def member_records(stats: Sequence[Sequence[float]], rnd: int, extra: Callable[[int], dict]) -> list[dict]:
+def member_records(
+    names: Sequence[str], stats: Sequence[Sequence[float]], rnd: int, extra: Callable[[int], dict]
+) -> list[dict]:
     """One tidy row per member: who it is, extra(member), then its losses and test accuracy."""
-    per = len(VARIANTS)
+    per = len(names)
     return [
         {
             "trial": m // per,
             "round": rnd,
-            "variant": VARIANTS[m % per],
+            "variant": names[m % per],
             **extra(m),
             "train_loss": round(stats[0][m], 6),
             "test_loss": round(stats[1][m], 6),
@@ -611,29 +865,40 @@ def member_records(stats: Sequence[Sequence[float]], rnd: int, extra: Callable[[
     ]
 
 
-def check_finite(stats: Sequence[Sequence[float]], rnd: int, epoch: int, lr: float) -> None:
-    per = len(VARIANTS)
+def check_finite(names: Sequence[str], stats: Sequence[Sequence[float]], rnd: int, epoch: int, lr: float) -> None:
+    per = len(names)
     for m, (train_loss, test_loss) in enumerate(zip(stats[0], stats[1])):
         if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
             raise Diverged(
-                f"member {m} ({VARIANTS[m % per]} of trial {m // per}) diverged in round {rnd}, epoch "
-                f"{epoch} (training loss {train_loss}) at --lr {lr}; try a smaller --lr"
+                f"member {m} ({names[m % per]} of trial {m // per}) diverged in round {rnd}, epoch {epoch} "
+                f"(training loss {train_loss}) at --lr {lr}; try a smaller --lr"
             )
 
 
+def members_of(names: Sequence[str], variant: str, trials: int) -> list[int]:
+    return [t * len(names) + names.index(variant) for t in range(trials)]
+
+
 def begin_round(cfg: Config, state: RunState, stack: LeNetStack, control_gens: Sequence[torch.Generator]) -> None:
-    """Prune each trial's ticket (from its trained weights, still in the stack), then load every
-    member's starting weights: tickets rewound to W0, controls freshly drawn, all on the mask."""
-    rnd, per = state.round, len(VARIANTS)
-    for t in range(cfg.trials):
-        if rnd > 0:
-            alive = masks_of(state, t, rnd - 1)
-            kept = global_magnitude_prune([w[t * per].detach().cpu() for w in stack.weights], alive, cfg.prune_rate)
-            for p, a, k in zip(state.pruned_at, alive, kept):
+    """Prune each iterative ticket (from its trained weights, still in the stack), then load every
+    member's starting weights on its mask."""
+    rnd, names = state.round, variants(cfg)
+    trained = [w.detach().cpu() for w in stack._w + stack._b]
+    if rnd == 1 and "oneshot" in names:  # one-shot tickets prune the tickets' dense trained weights
+        state.dense = [p[members_of(names, "ticket", cfg.trials)].clone() for p in trained]
+    for variant in state.pruned_at if rnd > 0 else ():
+        for t, m in enumerate(members_of(names, variant, cfg.trials)):
+            alive = member_masks(cfg, state, t, variant, rnd - 1)
+            kept = magnitude_prune(cfg, [w[m] for w in trained[: len(LAYERS)]], alive)
+            for p, a, k in zip(state.pruned_at[variant], alive, kept):
                 p[t][a & ~k] = rnd
-    w0 = [[w[t] for w in state.w0] for t in range(cfg.trials)]
-    starts = [s for t in range(cfg.trials) for s in round_starts(w0[t], masks_of(state, t, rnd), control_gens[t])]
-    stack.load(stack_members(starts, stack.weights[0].device))
+    starts = []
+    for t in range(cfg.trials):
+        w0 = [w[t] for w in state.w0]
+        late = [w[t] for w in state.rewind_point]
+        for v in names:
+            starts.append(member_start(v, member_masks(cfg, state, t, v, rnd), w0, control_gens[t], cfg.init, late))
+    stack.load(stack_members(starts, stack._w[0].device))
 
 
 def run_experiment(
@@ -648,7 +913,8 @@ def run_experiment(
 ) -> RunState:
     """Iterative magnitude pruning from state's position to the last round. After every epoch
     on_epoch(state, round_done) gets the state with the members' weights copied in (to save)."""
-    per = len(VARIANTS)
+    names = variants(cfg)
+    per, n = len(names), len(train.y)
     net: nn.Module = LeNetStack(cfg.trials * per, per, device)
     if cfg.data_parallel:
         if device.type == "cuda" and torch.cuda.device_count() > 1:
@@ -656,19 +922,26 @@ def run_experiment(
         else:
             warn("--data-parallel needs more than one visible GPU; training on one device")
     stack = unwrap(net)
-    opt = MaskedSGD(stack, [], cfg.lr, cfg.momentum)
+    opt = make_optimizer(cfg, stack)
     if state.params:
         stack.load(state.params)
-        for buf, saved in zip(opt.bufs, state.momentum):
+        for buf, saved in zip(opt.state(), state.opt_state):
             buf.copy_(saved)
+        opt.steps = state.opt_steps
     control_gens, data_gens = generators(state.control_rng), generators(state.data_rng)
-    steps = math.ceil(len(train.y) / cfg.batch_size)
+    per_epoch, total = steps_per_epoch(cfg, n), round_steps(cfg, n)
+    epochs = math.ceil(total / per_epoch)
+    late_k = rewind_iteration(cfg, n) if "late_rewind" in names else None
 
     def snapshot() -> RunState:
         state.params = [p.detach().cpu().clone() for p in stack.parameters()]
-        state.momentum = [b.cpu().clone() for b in opt.bufs]
+        state.opt_state, state.opt_steps = [b.cpu().clone() for b in opt.state()], opt.steps
         state.control_rng = [g.get_state() for g in control_gens]
         return state
+
+    def take_rewind_point() -> None:
+        late = members_of(names, "late_rewind", cfg.trials)
+        state.rewind_point = [p.detach()[late].cpu().clone() for p in stack.parameters()]
 
     with tqdm(
         total=cfg.rounds + 1,
@@ -683,27 +956,37 @@ def run_experiment(
             if state.epoch == 1 and state.step == 0:
                 begin_round(cfg, state, stack, control_gens)
                 opt.reset()
-            masks = [masks_of(state, t, rnd) for t in range(cfg.trials)]
-            opt.masks = [m.float() for m in stack_members([ms for ms in masks for _ in VARIANTS], device)]
-            for epoch in range(state.epoch, cfg.epochs + 1):
-                order = epoch_order(len(train.y), data_gens, device)
+            masks = [member_masks(cfg, state, t, v, rnd) for t in range(cfg.trials) for v in names]
+            opt.masks = [m.float() for m in stack_members(masks, device)]
+            for epoch in range(state.epoch, epochs + 1):
+                order = epoch_order(n, data_gens, device)
+                steps = min(per_epoch, total - (epoch - 1) * per_epoch)
                 loss_sum = None if state.loss_sum is None else state.loss_sum.to(device)
-                loss_sum, step = train_epoch(net, opt, train, order, cfg.batch_size, state.step, loss_sum, stop)
-                if step < steps:  # paused: save the position inside this epoch, rewinding the data order
-                    state.step, state.loss_sum = step, loss_sum.cpu()
-                    on_epoch(snapshot(), False)
-                    raise Paused(f"round {rnd}, epoch {epoch}, step {step}/{steps}")
+                step = state.step
+                k = late_k - (epoch - 1) * per_epoch if late_k and rnd == 0 and not state.rewind_point else None
+                while step < steps or (k == step):
+                    until = k if k is not None and step < k < steps else steps
+                    loss_sum, step = train_epoch(net, opt, train, order, cfg.batch_size, step, loss_sum, stop, until)
+                    if step == k:  # the late-rewinding point of round 0
+                        take_rewind_point()
+                        k = None
+                    if step < until:  # paused: save the position inside this epoch, rewinding the data order
+                        state.step, state.loss_sum = step, loss_sum.cpu()
+                        on_epoch(snapshot(), False)
+                        raise Paused(f"round {rnd}, epoch {epoch}, step {step}/{steps}")
+                samples = min(steps * cfg.batch_size, n)
                 test_loss, test_acc = evaluate(net, test)
-                stats = torch.stack([loss_sum / len(train.y), test_loss, test_acc]).cpu().tolist()  # one sync per epoch
-                check_finite(stats, rnd, epoch, cfg.lr)
-                bar.set_postfix({"round": rnd, "epoch": f"{epoch}/{cfg.epochs}", **last_accuracies(stats[2], masks[0])})
-                state.curves += member_records(stats, rnd, lambda m: {"epoch": epoch})
+                stats = torch.stack([loss_sum / samples, test_loss, test_acc]).cpu().tolist()  # one sync per epoch
+                check_finite(names, stats, rnd, epoch, cfg.lr)
+                postfix = last_accuracies(names, stats[2], masks[0])
+                bar.set_postfix({"round": rnd, "epoch": f"{epoch}/{epochs}", **postfix})
+                state.curves += member_records(names, stats, rnd, lambda m: {"epoch": epoch})
                 state.data_rng = [g.get_state() for g in data_gens]
                 state.step, state.loss_sum = 0, None
-                if epoch < cfg.epochs:
+                if epoch < epochs:
                     state.epoch = epoch + 1
                     on_epoch(snapshot(), False)
-            state.rows += member_records(stats, rnd, lambda m: layer_percentages(masks[m // per]))
+            state.rows += member_records(names, stats, rnd, lambda m: layer_percentages(masks[m]))
             state.round, state.epoch = rnd + 1, 1
             on_epoch(snapshot(), True)
             bar.update()
@@ -739,11 +1022,11 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def write_tables(state: RunState, out: Path) -> None:
+def write_tables(cfg: Config, state: RunState, out: Path) -> None:
     """results.csv, curves.csv and masks.pt of every finished round."""
     atomic_write(out / "results.csv", lambda tmp: pd.DataFrame(state.rows).to_csv(tmp, index=False))
     atomic_write(out / "curves.csv", lambda tmp: pd.DataFrame(state.curves).to_csv(tmp, index=False))
-    save_torch(out / "masks.pt", masks_payload(state.pruned_at, state.round))
+    save_torch(out / "masks.pt", masks_payload(cfg, state))
 
 
 def save_torch(path: Path, obj: Any) -> None:
@@ -754,38 +1037,49 @@ def save_torch(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
-def masks_payload(pruned_at: Sequence[Tensor], rounds: int) -> dict[str, Tensor]:
-    """{"fc1": bool [trials, rounds, 300, 784], "fc2": [.., 100, 300], "fc3": [.., 10, 100]}."""
-    past = torch.arange(rounds).view(1, -1, 1, 1)
-    return {name: p.unsqueeze(1) > past for name, p in zip(LAYERS, pruned_at)}
+def masks_payload(cfg: Config, state: RunState) -> dict[str, Tensor]:
+    """Every finished round's masks as bool [trials, rounds, out, in] per layer: "fc1", "fc2",
+    "fc3" for the ticket (and its reinit control); "<variant>.fc1" ... for each variant that has
+    masks of its own (random, oneshot, late_rewind)."""
+    past = torch.arange(state.round).view(1, -1, 1, 1)
+    payload = {name: p.unsqueeze(1) > past for name, p in zip(LAYERS, state.pruned_at["ticket"])}
+    for variant in variants(cfg):
+        if variant in ("ticket", "control"):
+            continue
+        per_round = [[member_masks(cfg, state, t, variant, r) for r in range(state.round)] for t in range(cfg.trials)]
+        for i, name in enumerate(LAYERS):
+            payload[f"{variant}.{name}"] = torch.stack([torch.stack([m[i] for m in rounds]) for rounds in per_round])
+    return payload
 
 
-def summary_frame(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per round: weights remaining, ticket and control accuracy (mean, sd), paired delta."""
+def summary_frame(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Per round: weights remaining, each variant's accuracy (mean, sd) and the paired delta
+    ticket - control; and the columns present, in table order."""
     wide = rows.pivot_table(index=["round", "trial"], columns="variant", values="test_acc").reset_index()
-    wide["delta"] = wide["ticket"] - wide["control"]
+    columns = [v for v in LABELS if v in wide.columns]
+    if {"ticket", "control"} <= set(columns):
+        wide["delta"] = wide["ticket"] - wide["control"]
+        columns.insert(columns.index("control") + 1, "delta")
     pct = rows[rows.variant == "ticket"].groupby("round")["weights_pct"].mean()
-    stats = wide.groupby("round")[["ticket", "control", "delta"]].agg(["mean", "std"])
+    stats = wide.groupby("round")[columns].agg(["mean", "std"])
     stats.columns = [f"{a}_{b}" for a, b in stats.columns]
-    return stats.assign(weights_pct=pct).reset_index()
+    return stats.assign(weights_pct=pct).reset_index(), columns
 
 
 def summary_markdown(rows: pd.DataFrame) -> str:
-    table = summary_frame(rows)
+    table, columns = summary_frame(rows)
     trials = rows.trial.nunique()
     fmt = (lambda m, s: f"{m:.2f}") if trials == 1 else (lambda m, s: f"{m:.2f} ± {s:.2f}")
-    lines = ["| Round | Weights Remaining | Ticket | Control | Delta |", "|---:|---:|---:|---:|---:|"]
-    for r in table.itertuples():
-        lines.append(
-            f"| {r.round} | {r.weights_pct:.2f}% | {fmt(r.ticket_mean, r.ticket_std)} | "
-            f"{fmt(r.control_mean, r.control_std)} | {'+' if r.delta_mean >= 0 else ''}{fmt(r.delta_mean, r.delta_std)} |"
-        )
-    note = (
-        f"Test accuracy (%) after the last epoch of each round; mean ± sd over {trials} trials, "
-        "delta paired within trials."
-        if trials > 1
-        else "Test accuracy (%) after the last epoch of each round."
-    )
+    header = ["Round", "Weights Remaining", *(LABELS.get(c, "Delta") for c in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    for r in table.to_dict("records"):
+        cells = [str(r["round"]), f"{r['weights_pct']:.2f}%"]
+        for c in columns:
+            sign = "+" if c == "delta" and r[f"{c}_mean"] >= 0 else ""
+            cells.append(sign + fmt(r[f"{c}_mean"], r[f"{c}_std"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    note = "Test accuracy (%) after the last epoch of each round"
+    note += f"; mean ± sd over {trials} trials, delta paired within trials." if trials > 1 else "."
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
@@ -810,17 +1104,30 @@ def new_axes() -> tuple[Any, Any]:
     return fig, ax
 
 
-def plot_accuracy(rows: pd.DataFrame, path: Path) -> None:
+# Each figure: file, the variants it compares (those present are drawn), the variant whose
+# presence asks for it (None: always), and its title.
+FIGURES = (
+    ("graph_improved.png", ("ticket", "control"), None, "winning ticket vs random reinit"),
+    ("random_control.png", ("ticket", "control", "random"), "random", "ticket vs random-mask control"),
+    ("oneshot.png", ("ticket", "oneshot", "control"), "oneshot", "iterative vs one-shot pruning"),
+    ("rewind.png", ("ticket", "late_rewind", "control"), "late_rewind", "rewind to W0 vs late rewinding"),
+)
+COLORS = dict(zip(LABELS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
+
+
+def plot_accuracy(rows: pd.DataFrame, path: Path, shown: Sequence[str], title: str) -> None:
     import seaborn as sns
 
     fig, ax = new_axes()
     trials = rows.trial.nunique()
+    shown = [v for v in shown if v in set(rows.variant)]
     sns.lineplot(
-        data=rows,
+        data=rows[rows.variant.isin(shown)],
         x="weights_pct",
         y="test_acc",
         hue="variant",
-        hue_order=list(VARIANTS),
+        hue_order=shown,
+        palette=COLORS,
         marker="o",
         errorbar="sd" if trials > 1 else None,
         ax=ax,
@@ -832,7 +1139,7 @@ def plot_accuracy(rows: pd.DataFrame, path: Path) -> None:
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel("test accuracy (%)")
     spread = f", mean ± sd over {trials} trials" if trials > 1 else ""
-    ax.set_title(f"LeNet-300-100 on MNIST: winning ticket vs random reinit{spread}", fontsize=10)
+    ax.set_title(f"LeNet-300-100 on MNIST: {title}{spread}", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp))
 
@@ -894,9 +1201,13 @@ def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
     """summary.md and the figures, from the rows of every finished round."""
     summary = summary_markdown(rows)
     write_text(out / "summary.md", summary)
-    figures = [out / "graph_improved.png", out / "layers.png"]
-    plot_accuracy(rows, figures[0])
-    plot_layers(rows, figures[1])
+    present, figures = set(rows.variant), []
+    for name, shown, needs, title in FIGURES:
+        if needs is None or needs in present:
+            figures.append(out / name)
+            plot_accuracy(rows, figures[-1], shown, title)
+    figures.append(out / "layers.png")
+    plot_layers(rows, figures[-1])
     return summary, figures
 
 
@@ -905,7 +1216,7 @@ OUTPUT_FILES = (
     "results.csv",
     "curves.csv",
     "masks.pt",
-    "graph_improved.png",
+    *(f[0] for f in FIGURES),
     "layers.png",
     "summary.md",
     "config.json",
@@ -915,7 +1226,7 @@ OUTPUT_FILES = (
 
 def save_checkpoint(out: Path, cfg: Config, device: torch.device, data_sha256: str, state: RunState) -> None:
     payload = {
-        "format": 1,
+        "format": 2,
         "config": dataclasses.asdict(cfg),
         "device": str(device),
         "data_sha256": data_sha256,
@@ -954,14 +1265,19 @@ def load_checkpoint(out: Path) -> tuple[RunState, dict]:
             "device": str(payload["device"]),
             "data_sha256": str(payload["data_sha256"]),
         }
-        trials, members = meta["config"]["trials"], meta["config"]["trials"] * len(VARIANTS)
+        trials = meta["config"]["trials"]
+        saved_cfg = Config(
+            **{k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
+        )
+        members = trials * len(variants(saved_cfg))
+        layer_shapes = [(trials, o, i) for o, i in SHAPES]
         shapes_ok = (
-            payload["format"] == 1
-            and [tuple(p.shape) for p in state.pruned_at] == [(trials, o, i) for o, i in SHAPES]
+            payload["format"] == 2
+            and all([tuple(p.shape) for p in ps] == layer_shapes for ps in state.pruned_at.values())
             and all(p.shape[0] == members for p in state.params)
             and len(state.control_rng) == len(state.data_rng) == trials
         )
-    except (KeyError, TypeError, AttributeError, IndexError):
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, UsageError):
         shapes_ok = False
     if not shapes_ok:
         raise UsageError(f"{path} is not a checkpoint of this script (unexpected contents)")
@@ -1069,26 +1385,31 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="lot_improved.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    """One flag per Config field. Defaults are left out of the namespace (SUPPRESS), so that
+    parse_config can tell an explicit flag, which beats the preset, from a default."""
+    parser = _Parser(prog="lot_improved.py", description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
+        default = "off" if f.default is False else "all" if f.name == "train_subset" else f.default
+        text = f"{f.metadata['help']} (default: {default})"
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
-            kind = {"float": float, "int": int, "str": str, "Optional[int]": int}[str(f.type)]
-            parser.add_argument(flag, type=kind, default=f.default, metavar=f.name.upper(), help=f.metadata["help"])
+            kind = {"float": float, "int": int, "str": str, "Optional[int]": int, "Optional[str]": str}[str(f.type)]
+            parser.add_argument(flag, type=kind, metavar=f.name.upper(), help=text)
     return parser
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
+    """The run's settings: Config's defaults, then the --preset's values, then explicit flags."""
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # e.g. the `-f kernel.json` a notebook kernel passes
         warn(f"ignoring unrecognised arguments: {' '.join(unknown)}")
-    return Config(**vars(args))
+    explicit = vars(args)
+    preset = explicit.get("preset", Config.preset)
+    if preset not in PRESETS:
+        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    return Config(**{**PRESETS[preset], **explicit})
 
 
 def replot(out: Path) -> int:
@@ -1144,6 +1465,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"--resume: the MNIST found via --data-dir {cfg.data_dir} is not the data the run began with"
             )
         train, test = to_splits(arrays, device, cfg.train_subset)
+        if "late_rewind" in variants(cfg):
+            rewind_iteration(cfg, len(train.y))  # raises if past the end of a round
         out = prepare_out(cfg)
     except UsageError as e:
         print(f"lot_improved: error: {e}", file=sys.stderr)
@@ -1155,9 +1478,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         write_config(cfg, device, out, status="running", data_sha256=data_sha)
         if state.round > 0:  # a kill may have come between a checkpoint and the tables
-            write_tables(state, out)
+            write_tables(cfg, state, out)
         print(
-            f"lot_improved: {cfg.trials} trial(s) x {len(VARIANTS)} variants, {cfg.rounds + 1} rounds x "
+            f"lot_improved: {cfg.trials} trial(s) x {len(variants(cfg))} variants, {cfg.rounds + 1} rounds x "
             f"{cfg.epochs} epochs on {len(train.y)} images, device {device}, writing to {out}/"
             + (f", resuming at round {state.round} epoch {state.epoch}" if cfg.resume else ""),
             file=sys.stderr,
@@ -1166,7 +1489,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         def save(state: RunState, round_done: bool) -> None:
             save_checkpoint(out, cfg, device, data_sha, state)
             if round_done:
-                write_tables(state, out)
+                write_tables(cfg, state, out)
 
         with stop_on_signals() as stop:
             try:

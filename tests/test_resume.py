@@ -169,7 +169,7 @@ def test_checkpoint_holds_only_plain_tensors_and_containers(tmp_path):
     out = tmp_path / "out"
     assert lot.main([*TINY, "--rounds", "1", "--out", str(out)]) == 0
     payload = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert payload["format"] == 1 and payload["config"]["rounds"] == 1
+    assert payload["format"] == 2 and payload["config"]["rounds"] == 1
     assert payload["state"]["round"] == 2 and len(payload["state"]["rows"]) == 4
 
 

@@ -57,8 +57,9 @@ def test_ticket_starts_at_w0_on_the_mask_and_control_shares_the_mask_with_a_fres
     w0 = lot.default_init(torch.Generator().manual_seed(0))
     masks = [m[0] for m in half_masks(1)]
     gen = torch.Generator().manual_seed(1)
-    ticket, control = lot.round_starts(w0, masks, gen)
-    ticket2, control2 = lot.round_starts(w0, masks, gen)
+    start = lambda variant: lot.member_start(variant, masks, w0, gen, "kaiming-uniform")
+    ticket, control = start("ticket"), start("control")
+    ticket2, control2 = start("ticket"), start("control")
     for t, c, c2, w, m in zip(ticket, control, control2, w0, masks):
         assert torch.equal(t, w * m)
         assert torch.equal(c == 0, t == 0)  # the same sparsity pattern
