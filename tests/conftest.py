@@ -1,5 +1,6 @@
 """Shared fixtures: the script under test, real MNIST from data/, and small synthetic data."""
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import lot_improved as lot  # noqa: E402
+
+# In-process runs stay quiet even when tqdm was imported before TQDM_DISABLE was set.
+lot.tqdm = functools.partial(lot.tqdm, disable=True)
 
 SCRIPT = ROOT / "lot_improved.py"
 MNIST_NPZ = ROOT / "data" / "mnist.npz"
