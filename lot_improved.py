@@ -114,6 +114,13 @@ class Config:
             "training (variant late_rewind)"
         },
     )
+    val_size: int = field(
+        default=0,
+        metadata={"help": "hold out N training images per trial (seeded) for validation and early stopping; 0: off"},
+    )
+    eval_every: int = field(
+        default=100, metadata={"help": "with --val-size: evaluate validation and test sets every N iterations"}
+    )
     seed: int = field(default=0, metadata={"help": "master seed: W0, controls and data order derive from it"})
     trials: int = field(default=1, metadata={"help": "independent trials (own W0, control draws, data order), stacked"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (auto picks CUDA when present)"})
@@ -184,6 +191,10 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"--seed must be non-negative, got {cfg.seed}")
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume continues the run in --out, --overwrite replaces it: choose one")
+    if cfg.val_size < 0:
+        raise UsageError(f"--val-size must be 0 (off) or a positive number of images, got {cfg.val_size}")
+    if cfg.eval_every <= 0:
+        raise UsageError(f"--eval-every must be a positive number of iterations, got {cfg.eval_every}")
     if cfg.iterations is not None and cfg.iterations <= 0:
         raise UsageError(f"--iterations must be a positive integer, got {cfg.iterations}")
     for name, options in CHOICES.items():
@@ -275,7 +286,7 @@ def resolve_device(spec: str) -> torch.device:
 
 def derive_seed(seed: int, trial: int, stream: str, *more: int) -> int:
     """Independent 63-bit seeds per (trial, stream, ...), so streams never disturb each other."""
-    stream_id = {"init": 0, "control": 1, "data": 2, "random": 3}[stream]
+    stream_id = {"init": 0, "control": 1, "data": 2, "random": 3, "split": 4}[stream]
     return int(np.random.SeedSequence([seed, trial, stream_id, *more]).generate_state(1, np.uint64)[0] >> 1)
 
 
@@ -389,9 +400,25 @@ def load_mnist(data_dir: str, device: torch.device, train_subset: Optional[int] 
     return to_splits(load_mnist_arrays(data_dir), device, train_subset)
 
 
-def epoch_order(n: int, generators: Sequence[torch.Generator], device: torch.device) -> Tensor:
-    """One seeded permutation of the training set per trial: [trials, n]. Batches are slices."""
-    return torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
+def epoch_order(index: Tensor | int, generators: Sequence[torch.Generator], device: torch.device) -> Tensor:
+    """Each trial's training images (index [trials, n] into the training split, or n for all of
+    them) in a seeded order of its own: [trials, n]. Batches are slices of it."""
+    if isinstance(index, int):
+        index = torch.arange(index).expand(len(generators), index)
+    return torch.stack([i[torch.randperm(len(i), generator=g)] for i, g in zip(index, generators)]).to(device)
+
+
+def validation_split(seed: int, trials: int, n: int, val_size: int) -> tuple[Tensor, Tensor]:
+    """Per trial, val_size images held out for validation and the rest for training, drawn from
+    the trial's own seeded stream: (train index [trials, n - val_size], val index [trials, val_size]).
+    With val_size 0 every trial trains on all n images in their original order."""
+    if val_size == 0:
+        return torch.arange(n).expand(trials, n), torch.zeros(trials, 0, dtype=torch.long)
+    perms = [torch.randperm(n, generator=make_generator(seed, t, "split")) for t in range(trials)]
+    return (
+        torch.stack([p[val_size:].sort().values for p in perms]),
+        torch.stack([p[:val_size].sort().values for p in perms]),
+    )
 
 
 # ==================================================================================================
@@ -717,17 +744,18 @@ EVAL_CHUNK = 10_000
 
 @torch.inference_mode()
 def evaluate(net: nn.Module, data: Split) -> tuple[Tensor, Tensor]:
-    """Per-member mean cross-entropy and accuracy (%) on a whole split, on device."""
-    members = unwrap(net).members
-    loss = torch.zeros(members, device=data.x.device)
-    correct = torch.zeros(members, device=data.x.device)
-    for start in range(0, len(data.y), EVAL_CHUNK):
-        x, y = data.x[start : start + EVAL_CHUNK], data.y[start : start + EVAL_CHUNK]
-        logp = net(x.unsqueeze(0))  # [M, b, 10]
-        target = y.expand(members, -1)
+    """Per-member mean cross-entropy and accuracy (%) on a whole split, on device: x [N, 784]
+    for every member, or [trials, N, 784] for each trial's own members."""
+    stack = unwrap(net)
+    x, y = (data.x, data.y) if data.x.dim() == 3 else (data.x.unsqueeze(0), data.y.unsqueeze(0))  # [T or 1, N, ..]
+    loss = torch.zeros(stack.members, device=x.device)
+    correct = torch.zeros(stack.members, device=x.device)
+    for start in range(0, y.shape[1], EVAL_CHUNK):
+        logp = net(x[:, start : start + EVAL_CHUNK])  # [M, b, 10]
+        target = stack.per_member(y[:, start : start + EVAL_CHUNK])
         loss += nll(logp, target).sum(1)
         correct += (logp.argmax(-1) == target).sum(1)
-    return loss / len(data.y), 100.0 * correct / len(data.y)
+    return loss / y.shape[1], 100.0 * correct / y.shape[1]
 
 
 # ==================================================================================================
@@ -769,6 +797,7 @@ class RunState:
     loss_sum: Optional[Tensor] = None  # training-loss sum of the epoch in progress
     rows: list[dict] = field(default_factory=list)  # results.csv
     curves: list[dict] = field(default_factory=list)  # curves.csv
+    evals: list[dict] = field(default_factory=list)  # validation.csv (with --val-size)
 
 
 class Paused(Exception):
@@ -901,6 +930,24 @@ def begin_round(cfg: Config, state: RunState, stack: LeNetStack, control_gens: S
     stack.load(stack_members(starts, stack._w[0].device))
 
 
+def early_stops(evals: Sequence[dict], rnd: int) -> dict[tuple[int, str], dict]:
+    """Per (trial, variant) of round rnd: the evaluation with the lowest validation loss (the
+    first, on ties), as the paper's early-stopping point."""
+    best: dict[tuple[int, str], dict] = {}
+    for e in evals:
+        key = (e["trial"], e["variant"])
+        if e["round"] == rnd and (key not in best or e["val_loss"] < best[key]["val_loss"]):
+            best[key] = e
+    return {
+        k: {
+            "early_stop_iter": e["iteration"],
+            "early_stop_val_loss": e["val_loss"],
+            "early_stop_test_acc": e["test_acc"],
+        }
+        for k, e in best.items()
+    }
+
+
 def run_experiment(
     cfg: Config,
     train: Split,
@@ -914,7 +961,10 @@ def run_experiment(
     """Iterative magnitude pruning from state's position to the last round. After every epoch
     on_epoch(state, round_done) gets the state with the members' weights copied in (to save)."""
     names = variants(cfg)
-    per, n = len(names), len(train.y)
+    per = len(names)
+    index, val_index = validation_split(cfg.seed, cfg.trials, len(train.y), cfg.val_size)
+    val = Split(train.x[val_index.to(device)], train.y[val_index.to(device)])  # [trials, val_size, ...]
+    n = index.shape[1]
     net: nn.Module = LeNetStack(cfg.trials * per, per, device)
     if cfg.data_parallel:
         if device.type == "cuda" and torch.cuda.device_count() > 1:
@@ -939,6 +989,28 @@ def run_experiment(
         state.control_rng = [g.get_state() for g in control_gens]
         return state
 
+    evaluations: list[tuple[int, Tensor]] = []  # (iteration, [val loss, val acc, test loss, test acc] per member)
+
+    def eval_records(names: Sequence[str], rnd: int, pending: list[tuple[int, Tensor]]) -> list[dict]:
+        records = []
+        for iteration, values in pending:
+            v = values.cpu().tolist()
+            records += [
+                {
+                    "trial": m // per,
+                    "round": rnd,
+                    "variant": names[m % per],
+                    "iteration": iteration,
+                    "val_loss": round(v[0][m], 6),
+                    "val_acc": round(v[1][m], 2),
+                    "test_loss": round(v[2][m], 6),
+                    "test_acc": round(v[3][m], 2),
+                }
+                for m in range(len(v[0]))
+            ]
+        pending.clear()
+        return records
+
     def take_rewind_point() -> None:
         late = members_of(names, "late_rewind", cfg.trials)
         state.rewind_point = [p.detach()[late].cpu().clone() for p in stack.parameters()]
@@ -959,19 +1031,31 @@ def run_experiment(
             masks = [member_masks(cfg, state, t, v, rnd) for t in range(cfg.trials) for v in names]
             opt.masks = [m.float() for m in stack_members(masks, device)]
             for epoch in range(state.epoch, epochs + 1):
-                order = epoch_order(n, data_gens, device)
+                order = epoch_order(index, data_gens, device)
                 steps = min(per_epoch, total - (epoch - 1) * per_epoch)
+                first = (epoch - 1) * per_epoch  # iterations of this round before this epoch
                 loss_sum = None if state.loss_sum is None else state.loss_sum.to(device)
                 step = state.step
-                k = late_k - (epoch - 1) * per_epoch if late_k and rnd == 0 and not state.rewind_point else None
-                while step < steps or (k == step):
-                    until = k if k is not None and step < k < steps else steps
-                    loss_sum, step = train_epoch(net, opt, train, order, cfg.batch_size, step, loss_sum, stop, until)
+                k = late_k - first if late_k and rnd == 0 and not state.rewind_point else None
+                while True:
                     if step == k:  # the late-rewinding point of round 0
                         take_rewind_point()
                         k = None
+                    if step == steps:
+                        break
+                    bounds = [steps]  # stop early at the rewind point and at each evaluation
+                    if k is not None and k > step:
+                        bounds.append(k)
+                    if cfg.val_size:
+                        bounds.append(cfg.eval_every * ((first + step) // cfg.eval_every + 1) - first)
+                    until = min(bounds)
+                    loss_sum, step = train_epoch(net, opt, train, order, cfg.batch_size, step, loss_sum, stop, until)
+                    at_eval = (first + step) % cfg.eval_every == 0 or first + step == total  # and the round's end
+                    if cfg.val_size and step == until and at_eval:
+                        evaluations.append((first + step, torch.stack([*evaluate(net, val), *evaluate(net, test)])))
                     if step < until:  # paused: save the position inside this epoch, rewinding the data order
                         state.step, state.loss_sum = step, loss_sum.cpu()
+                        state.evals += eval_records(names, rnd, evaluations)
                         on_epoch(snapshot(), False)
                         raise Paused(f"round {rnd}, epoch {epoch}, step {step}/{steps}")
                 samples = min(steps * cfg.batch_size, n)
@@ -981,12 +1065,15 @@ def run_experiment(
                 postfix = last_accuracies(names, stats[2], masks[0])
                 bar.set_postfix({"round": rnd, "epoch": f"{epoch}/{epochs}", **postfix})
                 state.curves += member_records(names, stats, rnd, lambda m: {"epoch": epoch})
+                state.evals += eval_records(names, rnd, evaluations)  # one read of the epoch's evaluations
                 state.data_rng = [g.get_state() for g in data_gens]
                 state.step, state.loss_sum = 0, None
                 if epoch < epochs:
                     state.epoch = epoch + 1
                     on_epoch(snapshot(), False)
-            state.rows += member_records(names, stats, rnd, lambda m: layer_percentages(masks[m]))
+            rows = member_records(names, stats, rnd, lambda m: layer_percentages(masks[m]))
+            stops = early_stops(state.evals, rnd)
+            state.rows += [{**row, **stops.get((row["trial"], row["variant"]), {})} for row in rows]
             state.round, state.epoch = rnd + 1, 1
             on_epoch(snapshot(), True)
             bar.update()
@@ -1027,6 +1114,8 @@ def write_tables(cfg: Config, state: RunState, out: Path) -> None:
     atomic_write(out / "results.csv", lambda tmp: pd.DataFrame(state.rows).to_csv(tmp, index=False))
     atomic_write(out / "curves.csv", lambda tmp: pd.DataFrame(state.curves).to_csv(tmp, index=False))
     save_torch(out / "masks.pt", masks_payload(cfg, state))
+    if state.evals:
+        atomic_write(out / "validation.csv", lambda tmp: pd.DataFrame(state.evals).to_csv(tmp, index=False))
 
 
 def save_torch(path: Path, obj: Any) -> None:
@@ -1052,6 +1141,57 @@ def masks_payload(cfg: Config, state: RunState) -> dict[str, Tensor]:
     return payload
 
 
+# Two-sided 95% Student-t critical values for 1..30 degrees of freedom; beyond, a Cornish-Fisher
+# expansion around the normal quantile (error < 1e-4 at 30 and shrinking).
+T95 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
+
+
+def t_critical_95(df: int) -> float:
+    if df <= len(T95):
+        return T95[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_t_interval(differences: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and 95% confidence interval of paired differences (one per trial): the Student-t
+    interval mean +- t(0.975, K-1) * sd / sqrt(K). Needs K >= 2."""
+    d = np.asarray(differences, dtype=float)
+    mean, half = d.mean(), t_critical_95(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return float(mean), float(mean - half), float(mean + half)
+
+
 def summary_frame(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """Per round: weights remaining, each variant's accuracy (mean, sd) and the paired delta
     ticket - control; and the columns present, in table order."""
@@ -1063,6 +1203,9 @@ def summary_frame(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     pct = rows[rows.variant == "ticket"].groupby("round")["weights_pct"].mean()
     stats = wide.groupby("round")[columns].agg(["mean", "std"])
     stats.columns = [f"{a}_{b}" for a, b in stats.columns]
+    if "delta" in columns and rows.trial.nunique() > 1:
+        ci = wide.groupby("round")["delta"].apply(lambda d: paired_t_interval(d.tolist()))
+        stats["delta_lo"], stats["delta_hi"] = ci.str[1], ci.str[2]
     return stats.assign(weights_pct=pct).reset_index(), columns
 
 
@@ -1075,11 +1218,23 @@ def summary_markdown(rows: pd.DataFrame) -> str:
     for r in table.to_dict("records"):
         cells = [str(r["round"]), f"{r['weights_pct']:.2f}%"]
         for c in columns:
-            sign = "+" if c == "delta" and r[f"{c}_mean"] >= 0 else ""
-            cells.append(sign + fmt(r[f"{c}_mean"], r[f"{c}_std"]))
+            if c == "delta":
+                signed = lambda v: f"{v:+.2f}"
+                cells.append(
+                    signed(r["delta_mean"])
+                    + (f" [{signed(r['delta_lo'])}, {signed(r['delta_hi'])}]" if trials > 1 else "")
+                )
+            else:
+                cells.append(fmt(r[f"{c}_mean"], r[f"{c}_std"]))
         lines.append("| " + " | ".join(cells) + " |")
     note = "Test accuracy (%) after the last epoch of each round"
-    note += f"; mean ± sd over {trials} trials, delta paired within trials." if trials > 1 else "."
+    if trials > 1:
+        note += (
+            f"; mean ± sd over {trials} trials. Delta: ticket - control paired within each trial, mean "
+            f"[95% confidence interval: Student-t, df = {trials - 1}]."
+        )
+    else:
+        note += "."
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
@@ -1140,6 +1295,36 @@ def plot_accuracy(rows: pd.DataFrame, path: Path, shown: Sequence[str], title: s
     ax.set_ylabel("test accuracy (%)")
     spread = f", mean ± sd over {trials} trials" if trials > 1 else ""
     ax.set_title(f"LeNet-300-100 on MNIST: {title}{spread}", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp))
+
+
+def plot_early_stop(rows: pd.DataFrame, path: Path) -> None:
+    """The paper's Figure 3 (left): the early-stopping iteration against weights remaining."""
+    import seaborn as sns
+
+    fig, ax = new_axes()
+    trials = rows.trial.nunique()
+    shown = [v for v in LABELS if v in set(rows.variant)]
+    sns.lineplot(
+        data=rows,
+        x="weights_pct",
+        y="early_stop_iter",
+        hue="variant",
+        hue_order=shown,
+        palette=COLORS,
+        marker="o",
+        errorbar="sd" if trials > 1 else None,
+        ax=ax,
+    )
+    ax.set_xscale("log")
+    low = rows.weights_pct.min()
+    ax.set_xlim(100 * 1.15, low / 1.15)
+    percent_log_axis(ax.xaxis, low)
+    ax.set_xlabel("weights remaining (%)")
+    ax.set_ylabel("early-stopping iteration (min. validation loss)")
+    spread = f", mean ± sd over {trials} trials" if trials > 1 else ""
+    ax.set_title(f"Winning tickets learn faster: early-stop iteration{spread}", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp))
 
@@ -1206,6 +1391,9 @@ def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
         if needs is None or needs in present:
             figures.append(out / name)
             plot_accuracy(rows, figures[-1], shown, title)
+    if "early_stop_iter" in rows:
+        figures.append(out / "early_stop.png")
+        plot_early_stop(rows, figures[-1])
     figures.append(out / "layers.png")
     plot_layers(rows, figures[-1])
     return summary, figures
@@ -1215,8 +1403,10 @@ CHECKPOINT = "checkpoint.pt"
 OUTPUT_FILES = (
     "results.csv",
     "curves.csv",
+    "validation.csv",
     "masks.pt",
     *(f[0] for f in FIGURES),
+    "early_stop.png",
     "layers.png",
     "summary.md",
     "config.json",
@@ -1465,8 +1655,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"--resume: the MNIST found via --data-dir {cfg.data_dir} is not the data the run began with"
             )
         train, test = to_splits(arrays, device, cfg.train_subset)
+        if cfg.val_size >= len(train.y):
+            raise UsageError(f"--val-size {cfg.val_size} leaves no training images (of {len(train.y)})")
         if "late_rewind" in variants(cfg):
-            rewind_iteration(cfg, len(train.y))  # raises if past the end of a round
+            rewind_iteration(cfg, len(train.y) - cfg.val_size)  # raises if past the end of a round
         out = prepare_out(cfg)
     except UsageError as e:
         print(f"lot_improved: error: {e}", file=sys.stderr)
