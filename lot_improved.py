@@ -121,6 +121,13 @@ class Config:
     eval_every: int = field(
         default=100, metadata={"help": "with --val-size: evaluate validation and test sets every N iterations"}
     )
+    transfer: Optional[str] = field(
+        default=None,
+        metadata={"help": "fashion-mnist: after the rounds, retrain every round's ticket mask on Fashion-MNIST"},
+    )
+    transfer_data: Optional[str] = field(
+        default=None, metadata={"help": "npz for --transfer (same keys as mnist.npz); else torchvision downloads it"}
+    )
     seed: int = field(default=0, metadata={"help": "master seed: W0, controls and data order derive from it"})
     trials: int = field(default=1, metadata={"help": "independent trials (own W0, control draws, data order), stacked"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (auto picks CUDA when present)"})
@@ -168,7 +175,17 @@ CONTROLS = ("reinit", "random")
 
 # Settings that may differ when resuming: they change where files go or how the work is spread,
 # not what is computed (a different device changes only the last bits; resuming warns).
-RESUME_NEUTRAL = ("out", "data_dir", "device", "data_parallel", "resume", "overwrite", "replot")
+RESUME_NEUTRAL = (
+    "out",
+    "data_dir",
+    "device",
+    "data_parallel",
+    "resume",
+    "overwrite",
+    "replot",
+    "transfer",
+    "transfer_data",
+)
 
 
 class UsageError(Exception):
@@ -195,6 +212,10 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"--val-size must be 0 (off) or a positive number of images, got {cfg.val_size}")
     if cfg.eval_every <= 0:
         raise UsageError(f"--eval-every must be a positive number of iterations, got {cfg.eval_every}")
+    if cfg.transfer not in (None, "fashion-mnist"):
+        raise UsageError(f"--transfer must be fashion-mnist, got {cfg.transfer!r}")
+    if cfg.transfer_data is not None and cfg.transfer is None:
+        raise UsageError("--transfer-data needs --transfer fashion-mnist")
     if cfg.iterations is not None and cfg.iterations <= 0:
         raise UsageError(f"--iterations must be a positive integer, got {cfg.iterations}")
     for name, options in CHOICES.items():
@@ -286,7 +307,7 @@ def resolve_device(spec: str) -> torch.device:
 
 def derive_seed(seed: int, trial: int, stream: str, *more: int) -> int:
     """Independent 63-bit seeds per (trial, stream, ...), so streams never disturb each other."""
-    stream_id = {"init": 0, "control": 1, "data": 2, "random": 3, "split": 4}[stream]
+    stream_id = {"init": 0, "control": 1, "data": 2, "random": 3, "split": 4, "transfer": 5}[stream]
     return int(np.random.SeedSequence([seed, trial, stream_id, *more]).generate_state(1, np.uint64)[0] >> 1)
 
 
@@ -365,15 +386,39 @@ def find_npz(data_dir: str) -> Optional[Path]:
     return next((p for p in candidates if p.is_file()), None)
 
 
-def normalise(images: np.ndarray) -> Tensor:
+def normalise(images: np.ndarray, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> Tensor:
     x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
-    return (x - MNIST_MEAN) / MNIST_STD
+    return (x - mean) / std
 
 
 def load_mnist_arrays(data_dir: str) -> tuple[np.ndarray, ...]:
     """(x_train, y_train, x_test, y_test) as uint8 arrays, checked: the bundle, else torchvision."""
     npz = find_npz(data_dir)
     return load_npz(npz) if npz else load_torchvision(Path(data_dir))
+
+
+def load_transfer_arrays(cfg: Config) -> tuple[np.ndarray, ...]:
+    """Fashion-MNIST: the --transfer-data npz, else torchvision's download into --data-dir."""
+    if cfg.transfer_data:
+        if not Path(cfg.transfer_data).is_file():
+            raise UsageError(f"--transfer-data {cfg.transfer_data}: no such file")
+        return load_npz(Path(cfg.transfer_data))
+    try:
+        from torchvision import datasets
+
+        root = str(Path(cfg.data_dir) if Path(cfg.data_dir).suffix != ".npz" else Path(cfg.data_dir).parent)
+        train = datasets.FashionMNIST(root, train=True, download=True)
+        test = datasets.FashionMNIST(root, train=False, download=True)
+    except Exception as e:
+        raise UsageError(
+            f"Fashion-MNIST not found: torchvision could not download it into {cfg.data_dir} ({type(e).__name__}: "
+            f"{one_line(e)[:120]}); pass --transfer-data PATH to an npz with x_train, y_train, x_test, y_test "
+            "or run with network access"
+        ) from None
+    arrays = (train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy())
+    check_mnist_arrays(arrays[0], arrays[1], "Fashion-MNIST [train]")
+    check_mnist_arrays(arrays[2], arrays[3], "Fashion-MNIST [test]")
+    return arrays
 
 
 def fingerprint(arrays: Sequence[np.ndarray]) -> str:
@@ -385,14 +430,17 @@ def fingerprint(arrays: Sequence[np.ndarray]) -> str:
 
 
 def to_splits(
-    arrays: Sequence[np.ndarray], device: torch.device, train_subset: Optional[int] = None
+    arrays: Sequence[np.ndarray], device: torch.device, train_subset: Optional[int] = None, own_stats: bool = False
 ) -> tuple[Split, Split]:
+    """Normalised tensors on the device. MNIST uses its standard constants; another dataset
+    (own_stats) the mean and std of its own training pixels."""
     x_tr, y_tr, x_te, y_te = arrays
     if train_subset is not None:
         if train_subset > len(x_tr):
             raise UsageError(f"--train-subset {train_subset} exceeds the {len(x_tr)} training images")
         x_tr, y_tr = x_tr[:train_subset], y_tr[:train_subset]
-    as_split = lambda x, y: Split(normalise(x).to(device), torch.from_numpy(y.astype(np.int64)).to(device))
+    mean, std = (float(x_tr.mean()) / 255.0, float(x_tr.std()) / 255.0) if own_stats else (MNIST_MEAN, MNIST_STD)
+    as_split = lambda x, y: Split(normalise(x, mean, std).to(device), torch.from_numpy(y.astype(np.int64)).to(device))
     return as_split(x_tr, y_tr), as_split(x_te, y_te)
 
 
@@ -750,9 +798,10 @@ def evaluate(net: nn.Module, data: Split) -> tuple[Tensor, Tensor]:
     x, y = (data.x, data.y) if data.x.dim() == 3 else (data.x.unsqueeze(0), data.y.unsqueeze(0))  # [T or 1, N, ..]
     loss = torch.zeros(stack.members, device=x.device)
     correct = torch.zeros(stack.members, device=x.device)
-    for start in range(0, y.shape[1], EVAL_CHUNK):
-        logp = net(x[:, start : start + EVAL_CHUNK])  # [M, b, 10]
-        target = stack.per_member(y[:, start : start + EVAL_CHUNK])
+    chunk = EVAL_CHUNK if stack.members <= 10 else max(500, EVAL_CHUNK * 10 // stack.members)  # bounded memory
+    for start in range(0, y.shape[1], chunk):
+        logp = net(x[:, start : start + chunk])  # [M, b, 10]
+        target = stack.per_member(y[:, start : start + chunk])
         loss += nll(logp, target).sum(1)
         correct += (logp.argmax(-1) == target).sum(1)
     return loss / y.shape[1], 100.0 * correct / y.shape[1]
@@ -1080,6 +1129,59 @@ def run_experiment(
     return state
 
 
+def run_transfer(
+    cfg: Config, state: RunState, train: Split, test: Split, device: torch.device, progress: bool = True
+) -> list[dict]:
+    """Do the MNIST tickets transfer? Every finished round's ticket mask is trained on another
+    dataset twice, from the trial's W0 (variant ticket) and from a fresh init (reinit), with the
+    optimiser and length of an MNIST round. All of a trial's members share its batches; all are
+    stacked. Round 0's ticket is the dense network. Returns one row per member."""
+    rounds, per = state.round, 2 * state.round
+    stack = LeNetStack(cfg.trials * per, per, device)
+    starts, masks = [], []
+    for t in range(cfg.trials):
+        reinit = make_generator(cfg.seed, t, "transfer", 1)
+        w0 = [w[t] for w in state.w0]
+        for r in range(rounds):
+            m = member_masks(cfg, state, t, "ticket", r)
+            starts += [rewind(w0, m), rewind(default_init(reinit, cfg.init), m)]
+            masks += [m, m]
+    stack.load(stack_members(starts, device))
+    opt = make_optimizer(cfg, stack)
+    opt.masks = [m.float() for m in stack_members(masks, device)]
+    data_gens = [make_generator(cfg.seed, t, "transfer", 0) for t in range(cfg.trials)]
+    n = len(train.y)
+    per_epoch, total = steps_per_epoch(cfg, n), round_steps(cfg, n)
+    with tqdm(
+        total=math.ceil(total / per_epoch),
+        desc="transfer",
+        unit="epoch",
+        dynamic_ncols=True,
+        **({} if progress else {"disable": True}),
+    ) as bar:
+        for epoch in range(1, bar.total + 1):
+            steps = min(per_epoch, total - (epoch - 1) * per_epoch)
+            loss_sum, _ = train_epoch(stack, opt, train, epoch_order(n, data_gens, device), cfg.batch_size, until=steps)
+            bar.update()
+    test_loss, test_acc = evaluate(stack, test)
+    stats = torch.stack([loss_sum / min(steps * cfg.batch_size, n), test_loss, test_acc]).cpu().tolist()
+    check_finite(
+        [f"{v} of round {r}" for r in range(rounds) for v in ("ticket", "reinit")], stats, -1, bar.total, cfg.lr
+    )
+    return [
+        {
+            "trial": m // per,
+            "round": (m % per) // 2,
+            "variant": ("ticket", "reinit")[m % 2],
+            **layer_percentages(masks[m]),
+            "train_loss": round(stats[0][m], 6),
+            "test_loss": round(stats[1][m], 6),
+            "test_acc": round(stats[2][m], 2),
+        }
+        for m in range(cfg.trials * per)
+    ]
+
+
 # ==================================================================================================
 # Outputs: tidy CSVs, masks, plots, summary, all written atomically
 # ==================================================================================================
@@ -1329,6 +1431,37 @@ def plot_early_stop(rows: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp))
 
 
+def plot_transfer(rows: pd.DataFrame, path: Path) -> None:
+    import seaborn as sns
+
+    fig, ax = new_axes()
+    trials = rows.trial.nunique()
+    sns.lineplot(
+        data=rows,
+        x="weights_pct",
+        y="test_acc",
+        hue="variant",
+        hue_order=["ticket", "reinit"],
+        palette={"ticket": COLORS["ticket"], "reinit": COLORS["control"]},
+        marker="o",
+        errorbar="sd" if trials > 1 else None,
+        ax=ax,
+    )
+    dense = rows[(rows["round"] == 0) & (rows.variant == "ticket")].test_acc.mean()
+    ax.axhline(dense, color="gray", linestyle="--", label="dense (round 0 ticket)")
+    ax.legend()
+    ax.set_xscale("log")
+    low = rows.weights_pct.min()
+    ax.set_xlim(100 * 1.15, low / 1.15)
+    percent_log_axis(ax.xaxis, low)
+    ax.set_xlabel("weights remaining (%), masks found on MNIST")
+    ax.set_ylabel("Fashion-MNIST test accuracy (%)")
+    spread = f", mean ± sd over {trials} trials" if trials > 1 else ""
+    ax.set_title(f"MNIST tickets retrained on Fashion-MNIST{spread}", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp))
+
+
 def plot_layers(rows: pd.DataFrame, path: Path) -> None:
     import seaborn as sns
     from matplotlib.ticker import MaxNLocator
@@ -1410,6 +1543,8 @@ OUTPUT_FILES = (
     "layers.png",
     "summary.md",
     "config.json",
+    "transfer.csv",
+    "transfer.png",
     CHECKPOINT,
 )
 
@@ -1655,6 +1790,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"--resume: the MNIST found via --data-dir {cfg.data_dir} is not the data the run began with"
             )
         train, test = to_splits(arrays, device, cfg.train_subset)
+        transfer = (
+            to_splits(load_transfer_arrays(cfg), device, cfg.train_subset, own_stats=True) if cfg.transfer else None
+        )
         if cfg.val_size >= len(train.y):
             raise UsageError(f"--val-size {cfg.val_size} leaves no training images (of {len(train.y)})")
         if "late_rewind" in variants(cfg):
@@ -1713,6 +1851,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 )
                 return EXIT_CODES["diverged"]
         summary, figures = write_outputs(pd.DataFrame(state.rows), out)
+        if transfer is not None:
+            try:
+                rows = pd.DataFrame(run_transfer(cfg, state, *transfer, device))
+            except KeyboardInterrupt:
+                print(
+                    f"\nlot_improved: SIGINT: transfer stopped; the MNIST results in {out}/ are complete; "
+                    f"to redo the transfer: {resume_command(cfg)}",
+                    file=sys.stderr,
+                )
+                return EXIT_CODES["SIGINT"]
+            atomic_write(out / "transfer.csv", lambda tmp: rows.to_csv(tmp, index=False))
+            figures.append(out / "transfer.png")
+            plot_transfer(rows, figures[-1])
         wall = time.perf_counter() - started
         write_config(cfg, device, out, status="finished", data_sha256=data_sha, wall_time_s=round(wall, 1))
     except OSError as e:  # a full disk, a vanished directory: finished files stay as they were
