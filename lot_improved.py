@@ -1372,7 +1372,19 @@ FIGURES = (
 COLORS = dict(zip(LABELS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
 
 
-def plot_accuracy(rows: pd.DataFrame, path: Path, shown: Sequence[str], title: str) -> None:
+def plot_vs_weights(
+    rows: pd.DataFrame,
+    path: Path,
+    y: str,
+    shown: Sequence[str],
+    ylabel: str,
+    title: str,
+    xlabel: str = "weights remaining (%)",
+    palette: Optional[dict] = None,
+    reference: Optional[tuple[float, str]] = None,
+) -> None:
+    """One line per variant (mean, with a ± sd band over trials) against weights remaining on a
+    reversed log axis, 100% on the left; reference adds a labelled horizontal line."""
     import seaborn as sns
 
     fig, ax = new_axes()
@@ -1381,83 +1393,25 @@ def plot_accuracy(rows: pd.DataFrame, path: Path, shown: Sequence[str], title: s
     sns.lineplot(
         data=rows[rows.variant.isin(shown)],
         x="weights_pct",
-        y="test_acc",
+        y=y,
         hue="variant",
         hue_order=shown,
-        palette=COLORS,
+        palette=palette or COLORS,
         marker="o",
         errorbar="sd" if trials > 1 else None,
         ax=ax,
     )
+    if reference:
+        ax.axhline(reference[0], color="gray", linestyle="--", label=reference[1])
+        ax.legend()
     ax.set_xscale("log")
     low = rows.weights_pct.min()
     ax.set_xlim(100 * 1.15, low / 1.15)  # reversed: sparser to the right
     percent_log_axis(ax.xaxis, low)
-    ax.set_xlabel("weights remaining (%)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     spread = f", mean ± sd over {trials} trials" if trials > 1 else ""
-    ax.set_title(f"LeNet-300-100 on MNIST: {title}{spread}", fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp))
-
-
-def plot_early_stop(rows: pd.DataFrame, path: Path) -> None:
-    """The paper's Figure 3 (left): the early-stopping iteration against weights remaining."""
-    import seaborn as sns
-
-    fig, ax = new_axes()
-    trials = rows.trial.nunique()
-    shown = [v for v in LABELS if v in set(rows.variant)]
-    sns.lineplot(
-        data=rows,
-        x="weights_pct",
-        y="early_stop_iter",
-        hue="variant",
-        hue_order=shown,
-        palette=COLORS,
-        marker="o",
-        errorbar="sd" if trials > 1 else None,
-        ax=ax,
-    )
-    ax.set_xscale("log")
-    low = rows.weights_pct.min()
-    ax.set_xlim(100 * 1.15, low / 1.15)
-    percent_log_axis(ax.xaxis, low)
-    ax.set_xlabel("weights remaining (%)")
-    ax.set_ylabel("early-stopping iteration (min. validation loss)")
-    spread = f", mean ± sd over {trials} trials" if trials > 1 else ""
-    ax.set_title(f"Winning tickets learn faster: early-stop iteration{spread}", fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp))
-
-
-def plot_transfer(rows: pd.DataFrame, path: Path) -> None:
-    import seaborn as sns
-
-    fig, ax = new_axes()
-    trials = rows.trial.nunique()
-    sns.lineplot(
-        data=rows,
-        x="weights_pct",
-        y="test_acc",
-        hue="variant",
-        hue_order=["ticket", "reinit"],
-        palette={"ticket": COLORS["ticket"], "reinit": COLORS["control"]},
-        marker="o",
-        errorbar="sd" if trials > 1 else None,
-        ax=ax,
-    )
-    dense = rows[(rows["round"] == 0) & (rows.variant == "ticket")].test_acc.mean()
-    ax.axhline(dense, color="gray", linestyle="--", label="dense (round 0 ticket)")
-    ax.legend()
-    ax.set_xscale("log")
-    low = rows.weights_pct.min()
-    ax.set_xlim(100 * 1.15, low / 1.15)
-    percent_log_axis(ax.xaxis, low)
-    ax.set_xlabel("weights remaining (%), masks found on MNIST")
-    ax.set_ylabel("Fashion-MNIST test accuracy (%)")
-    spread = f", mean ± sd over {trials} trials" if trials > 1 else ""
-    ax.set_title(f"MNIST tickets retrained on Fashion-MNIST{spread}", fontsize=10)
+    ax.set_title(f"{title}{spread}", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp))
 
@@ -1523,10 +1477,19 @@ def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
     for name, shown, needs, title in FIGURES:
         if needs is None or needs in present:
             figures.append(out / name)
-            plot_accuracy(rows, figures[-1], shown, title)
+            plot_vs_weights(
+                rows, figures[-1], "test_acc", shown, "test accuracy (%)", f"LeNet-300-100 on MNIST: {title}"
+            )
     if "early_stop_iter" in rows:
         figures.append(out / "early_stop.png")
-        plot_early_stop(rows, figures[-1])
+        plot_vs_weights(
+            rows,
+            figures[-1],
+            "early_stop_iter",
+            LABELS,
+            "early-stopping iteration (min. validation loss)",
+            "Winning tickets learn faster: early-stop iteration",
+        )
     figures.append(out / "layers.png")
     plot_layers(rows, figures[-1])
     return summary, figures
@@ -1561,13 +1524,15 @@ def save_checkpoint(out: Path, cfg: Config, device: torch.device, data_sha256: s
 
 
 def config_differences(saved: dict, cfg: Config) -> list[str]:
-    """Settings of cfg that would change the saved run's numbers. More --rounds only extends it."""
-    now = dataclasses.asdict(cfg)
-    extends = lambda k: k == "rounds" and isinstance(saved.get(k), int) and now[k] >= saved[k]
+    """Settings of cfg that would change the saved run's numbers. More --rounds only extends it;
+    a setting the saved run predates counts as its default."""
+    now, defaults = dataclasses.asdict(cfg), dataclasses.asdict(Config())
+    then = {k: saved.get(k, defaults[k]) for k in now}
+    extends = lambda k: k == "rounds" and isinstance(then[k], int) and now[k] >= then[k]
     return [
-        f"--{k.replace('_', '-')} {now[k]} (the run in --out has {saved.get(k)})"
+        f"--{k.replace('_', '-')} {now[k]} (the run in --out has {then[k]})"
         for k in now
-        if k not in RESUME_NEUTRAL and saved.get(k) != now[k] and not extends(k)
+        if k not in RESUME_NEUTRAL and then[k] != now[k] and not extends(k)
     ]
 
 
@@ -1811,7 +1776,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             write_tables(cfg, state, out)
         print(
             f"lot_improved: {cfg.trials} trial(s) x {len(variants(cfg))} variants, {cfg.rounds + 1} rounds x "
-            f"{cfg.epochs} epochs on {len(train.y)} images, device {device}, writing to {out}/"
+            f"{f'{cfg.iterations} iterations' if cfg.iterations else f'{cfg.epochs} epochs'} on "
+            f"{len(train.y) - cfg.val_size} images, device {device}, writing to {out}/"
             + (f", resuming at round {state.round} epoch {state.epoch}" if cfg.resume else ""),
             file=sys.stderr,
         )
@@ -1863,7 +1829,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return EXIT_CODES["SIGINT"]
             atomic_write(out / "transfer.csv", lambda tmp: rows.to_csv(tmp, index=False))
             figures.append(out / "transfer.png")
-            plot_transfer(rows, figures[-1])
+            dense = rows[(rows["round"] == 0) & (rows.variant == "ticket")].test_acc.mean()
+            plot_vs_weights(
+                rows,
+                figures[-1],
+                "test_acc",
+                ("ticket", "reinit"),
+                "Fashion-MNIST test accuracy (%)",
+                "MNIST tickets retrained on Fashion-MNIST",
+                "weights remaining (%), masks found on MNIST",
+                {"ticket": COLORS["ticket"], "reinit": COLORS["control"]},
+                (dense, "dense (round 0 ticket)"),
+            )
         wall = time.perf_counter() - started
         write_config(cfg, device, out, status="finished", data_sha256=data_sha, wall_time_s=round(wall, 1))
     except OSError as e:  # a full disk, a vanished directory: finished files stay as they were
