@@ -1681,6 +1681,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = "off" if f.default is False else "all" if f.name == "train_subset" else f.default
+        default = "none" if default is None else default
         text = f"{f.metadata['help']} (default: {default})"
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
