@@ -456,13 +456,14 @@ def epoch_order(index: Tensor | int, generators: Sequence[torch.Generator], devi
     return torch.stack([i[torch.randperm(len(i), generator=g)] for i, g in zip(index, generators)]).to(device)
 
 
-def validation_split(seed: int, trials: int, n: int, val_size: int) -> tuple[Tensor, Tensor]:
+def validation_split(seed: int, trials: int | Sequence[int], n: int, val_size: int) -> tuple[Tensor, Tensor]:
     """Per trial, val_size images held out for validation and the rest for training, drawn from
     the trial's own seeded stream: (train index [trials, n - val_size], val index [trials, val_size]).
     With val_size 0 every trial trains on all n images in their original order."""
+    ids = range(trials) if isinstance(trials, int) else trials  # trial ids seed the split
     if val_size == 0:
-        return torch.arange(n).expand(trials, n), torch.zeros(trials, 0, dtype=torch.long)
-    perms = [torch.randperm(n, generator=make_generator(seed, t, "split")) for t in range(trials)]
+        return torch.arange(n).expand(len(ids), n), torch.zeros(len(ids), 0, dtype=torch.long)
+    perms = [torch.randperm(n, generator=make_generator(seed, t, "split")) for t in ids]
     return (
         torch.stack([p[val_size:].sort().values for p in perms]),
         torch.stack([p[:val_size].sort().values for p in perms]),
@@ -847,6 +848,7 @@ class RunState:
     rows: list[dict] = field(default_factory=list)  # results.csv
     curves: list[dict] = field(default_factory=list)  # curves.csv
     evals: list[dict] = field(default_factory=list)  # validation.csv (with --val-size)
+    trials: list[int] = field(default_factory=list)  # the trial ids this process runs (torchrun shards them)
 
 
 class Paused(Exception):
@@ -857,10 +859,12 @@ class Diverged(Exception):
     """A member's loss became NaN or infinite; the previous epoch's checkpoint is the last good one."""
 
 
-def fresh_state(cfg: Config) -> RunState:
-    trials = range(cfg.trials)
+def fresh_state(cfg: Config, trials: Optional[Sequence[int]] = None) -> RunState:
+    """Round 0 of the given trials (all by default). A trial's ids seed all its random streams,
+    so trial 2 is the same run in one process or on the third torchrun rank."""
+    trials = list(range(cfg.trials) if trials is None else trials)
     w0 = [default_init(make_generator(cfg.seed, t, "init"), cfg.init) for t in trials]
-    alive = lambda: [torch.full((cfg.trials, o, i), NEVER, dtype=torch.int32) for o, i in SHAPES]
+    alive = lambda: [torch.full((len(trials), o, i), NEVER, dtype=torch.int32) for o, i in SHAPES]
     return RunState(
         round=0,
         epoch=1,
@@ -869,10 +873,16 @@ def fresh_state(cfg: Config) -> RunState:
         pruned_at={v: alive() for v in variants(cfg) if v in ITERATIVE},
         control_rng=[make_generator(cfg.seed, t, "control").get_state() for t in trials],
         data_rng=[make_generator(cfg.seed, t, "data").get_state() for t in trials],
+        trials=trials,
     )
 
 
+def trial_ids(state: RunState) -> list[int]:
+    return state.trials or list(range(len(state.data_rng)))
+
+
 def member_masks(cfg: Config, state: RunState, trial: int, variant: str, rnd: int) -> list[Tensor]:
+    # trial: the position in state; its id seeds the random control
     """A member's masks in round rnd. The control shares its ticket's; the random control draws
     a mask with the ticket's per-layer counts (from its own seeded stream, so any round's can be
     drawn again); the one-shot ticket prunes the dense trained weights straight to the level."""
@@ -882,7 +892,9 @@ def member_masks(cfg: Config, state: RunState, trial: int, variant: str, rnd: in
     if variant == "control" or rnd == 0:
         return ticket
     if variant == "random":
-        return random_masks([int(m.sum()) for m in ticket], make_generator(cfg.seed, trial, "random", rnd))
+        return random_masks(
+            [int(m.sum()) for m in ticket], make_generator(cfg.seed, trial_ids(state)[trial], "random", rnd)
+        )
     return oneshot_masks(cfg, [w[trial] for w in state.dense[: len(LAYERS)]], rnd)
 
 
@@ -925,13 +937,18 @@ def last_accuracies(names: Sequence[str], test_acc: Sequence[float], masks: Sequ
 
 
 def member_records(
-    names: Sequence[str], stats: Sequence[Sequence[float]], rnd: int, extra: Callable[[int], dict]
+    names: Sequence[str],
+    trials: Sequence[int],
+    stats: Sequence[Sequence[float]],
+    rnd: int,
+    extra: Callable[[int], dict],
 ) -> list[dict]:
-    """One tidy row per member: who it is, extra(member), then its losses and test accuracy."""
+    """One tidy row per member: who it is (trial id, round, variant), extra(member), then its
+    losses and test accuracy."""
     per = len(names)
     return [
         {
-            "trial": m // per,
+            "trial": trials[m // per],
             "round": rnd,
             "variant": names[m % per],
             **extra(m),
@@ -943,12 +960,14 @@ def member_records(
     ]
 
 
-def check_finite(names: Sequence[str], stats: Sequence[Sequence[float]], rnd: int, epoch: int, lr: float) -> None:
+def check_finite(
+    names: Sequence[str], trials: Sequence[int], stats: Sequence[Sequence[float]], rnd: int, epoch: int, lr: float
+) -> None:
     per = len(names)
     for m, (train_loss, test_loss) in enumerate(zip(stats[0], stats[1])):
         if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
             raise Diverged(
-                f"member {m} ({names[m % per]} of trial {m // per}) diverged in round {rnd}, epoch {epoch} "
+                f"member {m} ({names[m % per]} of trial {trials[m // per]}) diverged in round {rnd}, epoch {epoch} "
                 f"(training loss {train_loss}) at --lr {lr}; try a smaller --lr"
             )
 
@@ -960,18 +979,18 @@ def members_of(names: Sequence[str], variant: str, trials: int) -> list[int]:
 def begin_round(cfg: Config, state: RunState, stack: LeNetStack, control_gens: Sequence[torch.Generator]) -> None:
     """Prune each iterative ticket (from its trained weights, still in the stack), then load every
     member's starting weights on its mask."""
-    rnd, names = state.round, variants(cfg)
+    rnd, names, n = state.round, variants(cfg), len(trial_ids(state))
     trained = [w.detach().cpu() for w in stack._w + stack._b]
     if rnd == 1 and "oneshot" in names:  # one-shot tickets prune the tickets' dense trained weights
-        state.dense = [p[members_of(names, "ticket", cfg.trials)].clone() for p in trained]
+        state.dense = [p[members_of(names, "ticket", n)].clone() for p in trained]
     for variant in state.pruned_at if rnd > 0 else ():
-        for t, m in enumerate(members_of(names, variant, cfg.trials)):
+        for t, m in enumerate(members_of(names, variant, n)):
             alive = member_masks(cfg, state, t, variant, rnd - 1)
             kept = magnitude_prune(cfg, [w[m] for w in trained[: len(LAYERS)]], alive)
             for p, a, k in zip(state.pruned_at[variant], alive, kept):
                 p[t][a & ~k] = rnd
     starts = []
-    for t in range(cfg.trials):
+    for t in range(n):
         w0 = [w[t] for w in state.w0]
         late = [w[t] for w in state.rewind_point]
         for v in names:
@@ -1009,12 +1028,12 @@ def run_experiment(
 ) -> RunState:
     """Iterative magnitude pruning from state's position to the last round. After every epoch
     on_epoch(state, round_done) gets the state with the members' weights copied in (to save)."""
-    names = variants(cfg)
+    names, trials = variants(cfg), trial_ids(state)
     per = len(names)
-    index, val_index = validation_split(cfg.seed, cfg.trials, len(train.y), cfg.val_size)
+    index, val_index = validation_split(cfg.seed, trials, len(train.y), cfg.val_size)
     val = Split(train.x[val_index.to(device)], train.y[val_index.to(device)])  # [trials, val_size, ...]
     n = index.shape[1]
-    net: nn.Module = LeNetStack(cfg.trials * per, per, device)
+    net: nn.Module = LeNetStack(len(trials) * per, per, device)
     if cfg.data_parallel:
         if device.type == "cuda" and torch.cuda.device_count() > 1:
             net = nn.DataParallel(net, dim=1)
@@ -1061,7 +1080,7 @@ def run_experiment(
         return records
 
     def take_rewind_point() -> None:
-        late = members_of(names, "late_rewind", cfg.trials)
+        late = members_of(names, "late_rewind", len(trials))
         state.rewind_point = [p.detach()[late].cpu().clone() for p in stack.parameters()]
 
     with tqdm(
@@ -1077,7 +1096,7 @@ def run_experiment(
             if state.epoch == 1 and state.step == 0:
                 begin_round(cfg, state, stack, control_gens)
                 opt.reset()
-            masks = [member_masks(cfg, state, t, v, rnd) for t in range(cfg.trials) for v in names]
+            masks = [member_masks(cfg, state, t, v, rnd) for t in range(len(trials)) for v in names]
             opt.masks = [m.float() for m in stack_members(masks, device)]
             for epoch in range(state.epoch, epochs + 1):
                 order = epoch_order(index, data_gens, device)
@@ -1110,17 +1129,17 @@ def run_experiment(
                 samples = min(steps * cfg.batch_size, n)
                 test_loss, test_acc = evaluate(net, test)
                 stats = torch.stack([loss_sum / samples, test_loss, test_acc]).cpu().tolist()  # one sync per epoch
-                check_finite(names, stats, rnd, epoch, cfg.lr)
+                check_finite(names, trials, stats, rnd, epoch, cfg.lr)
                 postfix = last_accuracies(names, stats[2], masks[0])
                 bar.set_postfix({"round": rnd, "epoch": f"{epoch}/{epochs}", **postfix})
-                state.curves += member_records(names, stats, rnd, lambda m: {"epoch": epoch})
+                state.curves += member_records(names, trials, stats, rnd, lambda m: {"epoch": epoch})
                 state.evals += eval_records(names, rnd, evaluations)  # one read of the epoch's evaluations
                 state.data_rng = [g.get_state() for g in data_gens]
                 state.step, state.loss_sum = 0, None
                 if epoch < epochs:
                     state.epoch = epoch + 1
                     on_epoch(snapshot(), False)
-            rows = member_records(names, stats, rnd, lambda m: layer_percentages(masks[m]))
+            rows = member_records(names, trials, stats, rnd, lambda m: layer_percentages(masks[m]))
             stops = early_stops(state.evals, rnd)
             state.rows += [{**row, **stops.get((row["trial"], row["variant"]), {})} for row in rows]
             state.round, state.epoch = rnd + 1, 1
@@ -1136,11 +1155,11 @@ def run_transfer(
     dataset twice, from the trial's W0 (variant ticket) and from a fresh init (reinit), with the
     optimiser and length of an MNIST round. All of a trial's members share its batches; all are
     stacked. Round 0's ticket is the dense network. Returns one row per member."""
-    rounds, per = state.round, 2 * state.round
-    stack = LeNetStack(cfg.trials * per, per, device)
+    rounds, per, trials = state.round, 2 * state.round, trial_ids(state)
+    stack = LeNetStack(len(trials) * per, per, device)
     starts, masks = [], []
-    for t in range(cfg.trials):
-        reinit = make_generator(cfg.seed, t, "transfer", 1)
+    for t, trial in enumerate(trials):
+        reinit = make_generator(cfg.seed, trial, "transfer", 1)
         w0 = [w[t] for w in state.w0]
         for r in range(rounds):
             m = member_masks(cfg, state, t, "ticket", r)
@@ -1149,7 +1168,7 @@ def run_transfer(
     stack.load(stack_members(starts, device))
     opt = make_optimizer(cfg, stack)
     opt.masks = [m.float() for m in stack_members(masks, device)]
-    data_gens = [make_generator(cfg.seed, t, "transfer", 0) for t in range(cfg.trials)]
+    data_gens = [make_generator(cfg.seed, trial, "transfer", 0) for trial in trials]
     n = len(train.y)
     per_epoch, total = steps_per_epoch(cfg, n), round_steps(cfg, n)
     with tqdm(
@@ -1166,11 +1185,11 @@ def run_transfer(
     test_loss, test_acc = evaluate(stack, test)
     stats = torch.stack([loss_sum / min(steps * cfg.batch_size, n), test_loss, test_acc]).cpu().tolist()
     check_finite(
-        [f"{v} of round {r}" for r in range(rounds) for v in ("ticket", "reinit")], stats, -1, bar.total, cfg.lr
+        [f"{v} of round {r}" for r in range(rounds) for v in ("ticket", "reinit")], trials, stats, -1, bar.total, cfg.lr
     )
     return [
         {
-            "trial": m // per,
+            "trial": trials[m // per],
             "round": (m % per) // 2,
             "variant": ("ticket", "reinit")[m % 2],
             **layer_percentages(masks[m]),
@@ -1178,7 +1197,7 @@ def run_transfer(
             "test_loss": round(stats[1][m], 6),
             "test_acc": round(stats[2][m], 2),
         }
-        for m in range(cfg.trials * per)
+        for m in range(len(trials) * per)
     ]
 
 
@@ -1237,7 +1256,9 @@ def masks_payload(cfg: Config, state: RunState) -> dict[str, Tensor]:
     for variant in variants(cfg):
         if variant in ("ticket", "control"):
             continue
-        per_round = [[member_masks(cfg, state, t, variant, r) for r in range(state.round)] for t in range(cfg.trials)]
+        per_round = [
+            [member_masks(cfg, state, t, variant, r) for r in range(state.round)] for t in range(len(trial_ids(state)))
+        ]
         for i, name in enumerate(LAYERS):
             payload[f"{variant}.{name}"] = torch.stack([torch.stack([m[i] for m in rounds]) for rounds in per_round])
     return payload
@@ -1555,7 +1576,7 @@ def load_checkpoint(out: Path) -> tuple[RunState, dict]:
             "device": str(payload["device"]),
             "data_sha256": str(payload["data_sha256"]),
         }
-        trials = meta["config"]["trials"]
+        trials = len(state.trials) if state.trials else meta["config"]["trials"]  # this process's trials
         saved_cfg = Config(
             **{k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
         )
