@@ -51,6 +51,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
@@ -291,9 +292,14 @@ def variants(cfg: Config) -> tuple[str, ...]:
     )
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, local_rank: Optional[int] = None) -> torch.device:
+    """The training device. Under torchrun (local_rank given) CUDA means this worker's own GPU."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    if local_rank is not None and spec.startswith("cuda:"):
+        raise UsageError("under torchrun use --device cuda (or auto): each process takes cuda:LOCAL_RANK")
+    if local_rank is not None and spec in ("auto", "cuda") and (spec == "cuda" or torch.cuda.is_available()):
+        spec = f"cuda:{local_rank}"
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda"):
@@ -788,23 +794,32 @@ def train_epoch(
     return total, until
 
 
-EVAL_CHUNK = 10_000
+EVAL_CHUNK, EVAL_GROUP = 10_000, 8  # images and members per forward pass: bounded memory
 
 
 @torch.inference_mode()
 def evaluate(net: nn.Module, data: Split) -> tuple[Tensor, Tensor]:
     """Per-member mean cross-entropy and accuracy (%) on a whole split, on device: x [N, 784]
-    for every member, or [trials, N, 784] for each trial's own members."""
+    for every member, or [trials, N, 784] for each trial's own members. Members go through in
+    small groups over the same image chunks, so a member's numbers never depend on how many
+    others are stacked (a torchrun rank holds fewer than a single process)."""
     stack = unwrap(net)
     x, y = (data.x, data.y) if data.x.dim() == 3 else (data.x.unsqueeze(0), data.y.unsqueeze(0))  # [T or 1, N, ..]
     loss = torch.zeros(stack.members, device=x.device)
     correct = torch.zeros(stack.members, device=x.device)
-    chunk = EVAL_CHUNK if stack.members <= 10 else max(500, EVAL_CHUNK * 10 // stack.members)  # bounded memory
-    for start in range(0, y.shape[1], chunk):
-        logp = net(x[:, start : start + chunk])  # [M, b, 10]
-        target = stack.per_member(y[:, start : start + chunk])
-        loss += nll(logp, target).sum(1)
-        correct += (logp.argmax(-1) == target).sum(1)
+    per = stack.members if x.shape[0] == 1 else stack.members_per_trial
+    for first in range(0, stack.members, per):  # one trial's members (all members if T = 1)
+        t = first // per if x.shape[0] > 1 else 0
+        for a in range(first, first + per, EVAL_GROUP):
+            b = min(a + EVAL_GROUP, first + per)
+            for start in range(0, y.shape[1], EVAL_CHUNK):
+                xs, ys = x[t, start : start + EVAL_CHUNK], y[t, start : start + EVAL_CHUNK]
+                logp = lenet_forward(
+                    xs.expand(b - a, *xs.shape), [w[a:b] for w in stack._w], [v[a:b] for v in stack._b]
+                )[2]
+                target = ys.expand(b - a, -1)
+                loss[a:b] += nll(logp, target).sum(1)
+                correct[a:b] += (logp.argmax(-1) == target).sum(1)
     return loss / y.shape[1], 100.0 * correct / y.shape[1]
 
 
@@ -1065,7 +1080,7 @@ def run_experiment(
             v = values.cpu().tolist()
             records += [
                 {
-                    "trial": m // per,
+                    "trial": trials[m // per],
                     "round": rnd,
                     "variant": names[m % per],
                     "iteration": iteration,
@@ -1199,6 +1214,86 @@ def run_transfer(
         }
         for m in range(len(trials) * per)
     ]
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun job; rank 0 of 1 when run alone."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def ranks_from_env() -> Ranks:
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK for every worker it starts."""
+    env = os.environ
+    return Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def shard(trials: int, ranks: Ranks) -> list[int]:
+    """This rank's trials: contiguous blocks, the first ranks one larger, so that the ranks in
+    order hold the trials in order and the merged outputs equal a single process's."""
+    base, extra = divmod(trials, ranks.world)
+    start = ranks.rank * base + min(ranks.rank, extra)
+    return list(range(start, start + base + (ranks.rank < extra)))
+
+
+def outputs_view(state: RunState) -> RunState:
+    """What the outputs need of a state (not its weights): small enough to send to rank 0."""
+    return dataclasses.replace(
+        state,
+        w0=[],
+        control_rng=[],
+        data_rng=[],
+        rewind_point=[],
+        params=[],
+        opt_state=[],
+        loss_sum=None,
+        trials=trial_ids(state),
+    )
+
+
+class RankLost(Exception):
+    """Another torchrun process stopped (failed, or was stopped by a signal) while this one waited."""
+
+
+def gather_objects(obj: Any, ranks: Ranks) -> Optional[list]:
+    """obj of every rank, in rank order, on rank 0 (None elsewhere). A collective."""
+    parts = [None] * ranks.world if ranks.main else None
+    try:
+        dist.gather_object(obj, parts, dst=0)
+    except RuntimeError as e:  # gloo and NCCL report a vanished peer so
+        raise RankLost(one_line(e)[:160]) from None
+    return parts
+
+
+def gather_states(state: RunState, ranks: Ranks) -> Optional[RunState]:
+    """Every rank's finished work, merged on rank 0 in a single process's order (None elsewhere).
+    Alone, the state itself. A collective: every rank calls it at the same point."""
+    if ranks.world == 1:
+        return state
+    parts = gather_objects(outputs_view(state), ranks)
+    if not ranks.main:
+        return None
+    cat = lambda lists: [torch.cat(ts) for ts in zip(*lists)] if lists[0] else []
+    ordered = lambda key, *fields: sorted(
+        (r for p in parts for r in getattr(p, key)), key=lambda r: [r[f] for f in fields]
+    )
+    return dataclasses.replace(
+        parts[0],
+        round=min(p.round for p in parts),
+        pruned_at={v: cat([p.pruned_at[v] for p in parts]) for v in parts[0].pruned_at},
+        dense=cat([p.dense for p in parts]),
+        trials=[t for p in parts for t in p.trials],
+        rows=ordered("rows", "round", "trial"),  # stable: variants stay in their order
+        curves=ordered("curves", "round", "epoch", "trial"),
+        evals=ordered("evals", "round", "iteration", "trial"),
+    )
 
 
 # ==================================================================================================
@@ -1533,7 +1628,13 @@ OUTPUT_FILES = (
 )
 
 
-def save_checkpoint(out: Path, cfg: Config, device: torch.device, data_sha256: str, state: RunState) -> None:
+def checkpoint_name(ranks: Ranks) -> str:
+    return CHECKPOINT if ranks.world == 1 else f"checkpoint.rank{ranks.rank}.pt"
+
+
+def save_checkpoint(
+    out: Path, cfg: Config, device: torch.device, data_sha256: str, state: RunState, name: str = CHECKPOINT
+) -> None:
     payload = {
         "format": 2,
         "config": dataclasses.asdict(cfg),
@@ -1541,7 +1642,7 @@ def save_checkpoint(out: Path, cfg: Config, device: torch.device, data_sha256: s
         "data_sha256": data_sha256,
         "state": {f.name: getattr(state, f.name) for f in dataclasses.fields(RunState)},
     }
-    save_torch(out / CHECKPOINT, payload)
+    save_torch(out / name, payload)
 
 
 def config_differences(saved: dict, cfg: Config) -> list[str]:
@@ -1557,10 +1658,10 @@ def config_differences(saved: dict, cfg: Config) -> list[str]:
     ]
 
 
-def load_checkpoint(out: Path) -> tuple[RunState, dict]:
+def load_checkpoint(out: Path, name: str = CHECKPOINT) -> tuple[RunState, dict]:
     """The state saved in out/checkpoint.pt and the rest of it (config, device, data_sha256),
     refusing anything but plain tensors and containers (weights_only: no pickled object runs)."""
-    path = out / CHECKPOINT
+    path = out / name
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -1608,7 +1709,9 @@ def check_out(cfg: Config) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
-    earlier = [name for name in OUTPUT_FILES if (out / name).exists()]
+    earlier = [name for name in OUTPUT_FILES if (out / name).exists()] + [
+        p.name for p in out.glob("checkpoint.rank*.pt")
+    ]
     if cfg.resume or cfg.overwrite or not earlier:
         return
     saved = read_config_json(out)
@@ -1623,7 +1726,7 @@ def check_out(cfg: Config) -> None:
     )
 
 
-def prepare_out(cfg: Config) -> Path:
+def prepare_out(cfg: Config, ranks: Ranks = Ranks()) -> Path:
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1632,8 +1735,10 @@ def prepare_out(cfg: Config) -> Path:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"--out {cfg.out} is not writable ({e.strerror or one_line(e)})") from None
-    for name in OUTPUT_FILES:  # a kill mid-write leaves a temporary file (never a half output)
-        for tmp in out.glob(f".{Path(name).stem}.tmp*{Path(name).suffix}"):
+    if not ranks.main:
+        return out
+    for name in [*OUTPUT_FILES, *(p.name for p in out.glob("checkpoint.rank*.pt"))]:
+        for tmp in out.glob(f".{Path(name).stem}.tmp*{Path(name).suffix}"):  # a kill mid-write leaves one
             tmp.unlink(missing_ok=True)
         if cfg.overwrite:  # only what this script writes; anything else stays
             (out / name).unlink(missing_ok=True)
@@ -1740,28 +1845,47 @@ def replot(out: Path) -> int:
     return EXIT_CODES["finished"]
 
 
-EXIT_CODES = {"finished": 0, "cannot write": 1, "bad input": 2, "diverged": 3, "SIGINT": 130, "SIGTERM": 143}
+EXIT_CODES = {
+    "finished": 0,
+    "cannot write": 1,
+    "bad input": 2,
+    "diverged": 3,
+    "rank lost": 4,
+    "SIGINT": 130,
+    "SIGTERM": 143,
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point. argv defaults to sys.argv[1:]; returns the exit code (EXIT_CODES) instead of
-    exiting. Bad input is found before anything in --out is touched."""
-    started = time.perf_counter()
+    exiting. Bad input is found before anything in --out is touched. Under torchrun every rank
+    runs this, on its own trials; rank 0 alone writes the merged outputs."""
+    started, ranks = time.perf_counter(), ranks_from_env()
+    who = f"lot_improved: rank {ranks.rank}" if ranks.world > 1 else "lot_improved"
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         validate(cfg)
-        device = resolve_device(cfg.device)
+        if ranks.world > 1 and cfg.data_parallel:
+            raise UsageError("--data-parallel and torchrun do not mix: torchrun already gives each GPU a process")
+        if cfg.trials < ranks.world:
+            raise UsageError(f"--trials {cfg.trials} is fewer than the {ranks.world} torchrun processes")
+        device = resolve_device(cfg.device, ranks.local if ranks.world > 1 else None)
         if cfg.replot:
             return replot(Path(cfg.out))
         check_out(cfg)
-        state, saved = None, {}
+        state, saved, ckpt = None, {}, checkpoint_name(ranks)
         if cfg.resume:
-            if (Path(cfg.out) / CHECKPOINT).exists():
-                state, saved = load_checkpoint(Path(cfg.out))
+            if (Path(cfg.out) / ckpt).exists():
+                state, saved = load_checkpoint(Path(cfg.out), ckpt)
+                if trial_ids(state) != shard(cfg.trials, ranks):
+                    raise UsageError(
+                        f"--resume: {ckpt} holds trials {trial_ids(state)}, this process runs "
+                        f"{shard(cfg.trials, ranks)}: resume with as many processes as before"
+                    )
             else:  # killed before its first checkpoint: nothing to lose, start again
                 saved = read_config_json(Path(cfg.out)) or {}
                 if not isinstance(saved.get("config"), dict):
-                    raise UsageError(f"--resume: {cfg.out}/ holds no {CHECKPOINT} and no run of this script")
+                    raise UsageError(f"--resume: {cfg.out}/ holds no {ckpt} and no run of this script")
             diffs = config_differences(saved["config"], cfg)
             if diffs:
                 raise UsageError(f"--resume: settings differ from the run in {cfg.out}/: {', '.join(diffs)}")
@@ -1784,98 +1908,168 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError(f"--val-size {cfg.val_size} leaves no training images (of {len(train.y)})")
         if "late_rewind" in variants(cfg):
             rewind_iteration(cfg, len(train.y) - cfg.val_size)  # raises if past the end of a round
-        out = prepare_out(cfg)
+        out = prepare_out(cfg, ranks)
     except UsageError as e:
-        print(f"lot_improved: error: {e}", file=sys.stderr)
+        print(f"{who}: error: {e}", file=sys.stderr)
         return EXIT_CODES["bad input"]
     except SystemExit as e:  # argparse: --help (0) or a bad flag (2)
         return int(e.code or 0)
-
-    state = state or fresh_state(cfg)
+    if ranks.world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        write_config(cfg, device, out, status="running", data_sha256=data_sha)
-        if state.round > 0:  # a kill may have come between a checkpoint and the tables
-            write_tables(cfg, state, out)
-        print(
-            f"lot_improved: {cfg.trials} trial(s) x {len(variants(cfg))} variants, {cfg.rounds + 1} rounds x "
-            f"{f'{cfg.iterations} iterations' if cfg.iterations else f'{cfg.epochs} epochs'} on "
-            f"{len(train.y) - cfg.val_size} images, device {device}, writing to {out}/"
-            + (f", resuming at round {state.round} epoch {state.epoch}" if cfg.resume else ""),
-            file=sys.stderr,
+        return run_main(
+            cfg,
+            ranks,
+            device,
+            out,
+            ckpt,
+            state or fresh_state(cfg, shard(cfg.trials, ranks)),
+            train,
+            test,
+            transfer,
+            data_sha,
+            started,
         )
+    finally:
+        if ranks.world > 1:
+            dist.destroy_process_group()
 
-        def save(state: RunState, round_done: bool) -> None:
-            save_checkpoint(out, cfg, device, data_sha, state)
-            if round_done:
-                write_tables(cfg, state, out)
 
+def run_main(
+    cfg: Config,
+    ranks: Ranks,
+    device: torch.device,
+    out: Path,
+    ckpt: str,
+    state: RunState,
+    train: Split,
+    test: Split,
+    transfer: Optional[tuple[Split, Split]],
+    data_sha: str,
+    started: float,
+) -> int:
+    """main's second half: train (or continue), checkpoint, write outputs, report."""
+    who = f"lot_improved: rank {ranks.rank}" if ranks.world > 1 else "lot_improved"
+
+    def config(status: str, **extra: Any) -> None:
+        if ranks.main:
+            write_config(cfg, device, out, status=status, data_sha256=data_sha, world_size=ranks.world, **extra)
+
+    merged: list[Optional[RunState]] = [None]
+
+    def tables(state: RunState) -> None:  # a collective under torchrun; rank 0 writes
+        merged[0] = gather_states(state, ranks)
+        if ranks.main:
+            write_tables(cfg, merged[0], out)
+
+    def save(state: RunState, round_done: bool) -> None:
+        if round_done:  # first: a round is checkpointed as done once every rank has finished it
+            tables(state)
+        save_checkpoint(out, cfg, device, data_sha, state, ckpt)
+
+    try:
+        config("running")
+        if state.round > 0:  # a kill may have come between a checkpoint and the tables
+            tables(state)
+        if ranks.main:
+            length = f"{cfg.iterations} iterations" if cfg.iterations else f"{cfg.epochs} epochs"
+            print(
+                f"lot_improved: {cfg.trials} trial(s) x {len(variants(cfg))} variants"
+                + (f" on {ranks.world} processes" if ranks.world > 1 else "")
+                + f", {cfg.rounds + 1} rounds x {length} on {len(train.y) - cfg.val_size} images, device {device}, "
+                f"writing to {out}/" + (f", resuming at round {state.round} epoch {state.epoch}" if cfg.resume else ""),
+                file=sys.stderr,
+            )
         with stop_on_signals() as stop:
             try:
-                state = run_experiment(cfg, train, test, device, state, on_epoch=save, stop=stop)
+                state = run_experiment(cfg, train, test, device, state, on_epoch=save, stop=stop, progress=ranks.main)
             except (Paused, KeyboardInterrupt) as e:
                 name = signal.Signals(stop.signum or signal.SIGINT).name
-                if state.round > 0:
-                    write_outputs(pd.DataFrame(state.rows), out)
-                write_config(
-                    cfg,
-                    device,
-                    out,
-                    status="interrupted",
-                    data_sha256=data_sha,
-                    wall_time_s=round(time.perf_counter() - started, 1),
-                )
+                if ranks.main and (out / "results.csv").exists():  # the finished rounds, as written
+                    write_outputs(pd.read_csv(out / "results.csv"), out)
+                config("interrupted", wall_time_s=round(time.perf_counter() - started, 1))
                 where = f"checkpoint at {e}" if isinstance(e, Paused) else "last checkpoint kept"
                 print(
-                    f"lot_improved: {name}: stopped, {state.round} round(s) finished, {where}; "
-                    f"resume with: {resume_command(cfg)}",
+                    f"{who}: {name}: stopped, {state.round} round(s) finished, {where}; resume with: "
+                    f"{resume_command(cfg)}",
+                    file=sys.stderr,
+                )
+                return EXIT_CODES[name]
+            except RankLost:
+                if not stop():
+                    raise
+                name = signal.Signals(stop.signum).name  # the others were stopped too, mid-epoch
+                print(
+                    f"{who}: {name}: stopped while waiting for the other processes; every checkpoint is "
+                    f"complete; resume with: {resume_command(cfg)}",
                     file=sys.stderr,
                 )
                 return EXIT_CODES[name]
             except Diverged as e:
-                write_config(cfg, device, out, status="diverged", data_sha256=data_sha)
+                config("diverged")
                 print(
-                    f"lot_improved: error: {e}; finished rounds and the last good checkpoint are kept in {out}/",
+                    f"{who}: error: {e}; finished rounds and the last good checkpoint are kept in {out}/",
                     file=sys.stderr,
                 )
                 return EXIT_CODES["diverged"]
-        summary, figures = write_outputs(pd.DataFrame(state.rows), out)
+        figures: list[Path] = []
+        if ranks.main:
+            summary, figures = write_outputs(pd.DataFrame(merged[0].rows), out)
         if transfer is not None:
             try:
-                rows = pd.DataFrame(run_transfer(cfg, state, *transfer, device))
+                parts = gather_rows(run_transfer(cfg, state, *transfer, device, progress=ranks.main), ranks)
             except KeyboardInterrupt:
                 print(
-                    f"\nlot_improved: SIGINT: transfer stopped; the MNIST results in {out}/ are complete; "
-                    f"to redo the transfer: {resume_command(cfg)}",
+                    f"\n{who}: SIGINT: transfer stopped; the MNIST results in {out}/ are complete; to redo the "
+                    f"transfer: {resume_command(cfg)}",
                     file=sys.stderr,
                 )
                 return EXIT_CODES["SIGINT"]
-            atomic_write(out / "transfer.csv", lambda tmp: rows.to_csv(tmp, index=False))
-            figures.append(out / "transfer.png")
-            dense = rows[(rows["round"] == 0) & (rows.variant == "ticket")].test_acc.mean()
-            plot_vs_weights(
-                rows,
-                figures[-1],
-                "test_acc",
-                ("ticket", "reinit"),
-                "Fashion-MNIST test accuracy (%)",
-                "MNIST tickets retrained on Fashion-MNIST",
-                "weights remaining (%), masks found on MNIST",
-                {"ticket": COLORS["ticket"], "reinit": COLORS["control"]},
-                (dense, "dense (round 0 ticket)"),
-            )
+            if ranks.main:
+                rows = pd.DataFrame(parts)
+                atomic_write(out / "transfer.csv", lambda tmp: rows.to_csv(tmp, index=False))
+                figures.append(out / "transfer.png")
+                dense = rows[(rows["round"] == 0) & (rows.variant == "ticket")].test_acc.mean()
+                plot_vs_weights(
+                    rows,
+                    figures[-1],
+                    "test_acc",
+                    ("ticket", "reinit"),
+                    "Fashion-MNIST test accuracy (%)",
+                    "MNIST tickets retrained on Fashion-MNIST",
+                    "weights remaining (%), masks found on MNIST",
+                    {"ticket": COLORS["ticket"], "reinit": COLORS["control"]},
+                    (dense, "dense (round 0 ticket)"),
+                )
         wall = time.perf_counter() - started
-        write_config(cfg, device, out, status="finished", data_sha256=data_sha, wall_time_s=round(wall, 1))
+        config("finished", wall_time_s=round(wall, 1))
+    except RankLost as e:  # another rank failed or vanished; torchrun names it
+        print(
+            f"{who}: error: lost contact with the other torchrun processes ({one_line(e)[:160]}); every "
+            f"checkpoint is complete; resume with: {resume_command(cfg)}",
+            file=sys.stderr,
+        )
+        return EXIT_CODES["rank lost"]
     except OSError as e:  # a full disk, a vanished directory: finished files stay as they were
         print(
-            f"lot_improved: error: cannot write to {cfg.out}/ ({e.strerror or one_line(e)}); every file already "
-            f"there is complete; free space and resume with: {resume_command(cfg)}",
+            f"{who}: error: cannot write to {cfg.out}/ ({e.strerror or one_line(e)}); every file already there is "
+            f"complete; free space and resume with: {resume_command(cfg)}",
             file=sys.stderr,
         )
         return EXIT_CODES["cannot write"]
-    print("\n" + summary)
-    print(f"lot_improved: finished in {wall / 60:.1f} min; outputs in {out}/", file=sys.stderr)
-    show_inline(figures)
+    if ranks.main:
+        print("\n" + summary)
+        print(f"lot_improved: finished in {wall / 60:.1f} min; outputs in {out}/", file=sys.stderr)
+        show_inline(figures)
     return EXIT_CODES["finished"]
+
+
+def gather_rows(rows: list[dict], ranks: Ranks) -> Optional[list[dict]]:
+    """Every rank's rows on rank 0, in rank (= trial) order; None elsewhere."""
+    if ranks.world == 1:
+        return rows
+    parts = gather_objects(rows, ranks)
+    return [r for p in parts for r in p] if ranks.main else None
 
 
 if __name__ == "__main__":

@@ -31,9 +31,11 @@ def test_t_critical_values_match_the_tables():
 
 def test_summary_shows_mean_sd_and_a_paired_interval_with_trials_and_the_original_table_without():
     rows = pd.DataFrame(
-        [{"trial": t, "round": 0, "variant": v, "weights_pct": 100.0, "test_acc": a}
-         for t, (ticket, control) in enumerate([(98.0, 97.0), (98.2, 97.1), (97.9, 97.3)])
-         for v, a in (("ticket", ticket), ("control", control))]
+        [
+            {"trial": t, "round": 0, "variant": v, "weights_pct": 100.0, "test_acc": a}
+            for t, (ticket, control) in enumerate([(98.0, 97.0), (98.2, 97.1), (97.9, 97.3)])
+            for v, a in (("ticket", ticket), ("control", control))
+        ]
     )
     table = lot.summary_markdown(rows)
     d = np.array([1.0, 1.1, 0.6])
@@ -88,8 +90,16 @@ def test_early_stop_iteration_is_the_argmin_of_the_recorded_validation_losses(tm
     assert (out / "early_stop.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("flags", [["--val-size", "-5"], ["--val-size", "1200"], ["--val-size", "5000"],
-                                   ["--val-size", "100", "--eval-every", "0"], ["--eval-every", "-100"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--val-size", "-5"],
+        ["--val-size", "1200"],
+        ["--val-size", "5000"],
+        ["--val-size", "100", "--eval-every", "0"],
+        ["--eval-every", "-100"],
+    ],
+)
 def test_bad_validation_settings_get_one_line_and_exit_2(flags, tmp_path, capsys):
     out = tmp_path / "out"
     assert lot.main([*TINY, *flags, "--out", str(out)]) == 2

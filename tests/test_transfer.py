@@ -18,8 +18,12 @@ def fashion(tmp_path):
 
 def test_transfer_trains_every_rounds_ticket_mask_from_w0_and_from_a_fresh_init(tmp_path, fashion):
     out = tmp_path / "out"
-    assert lot.main([*TINY, "--trials", "2", "--transfer", "fashion-mnist", "--transfer-data", str(fashion),
-                     "--out", str(out)]) == 0
+    assert (
+        lot.main(
+            [*TINY, "--trials", "2", "--transfer", "fashion-mnist", "--transfer-data", str(fashion), "--out", str(out)]
+        )
+        == 0
+    )
     rows, mnist = pd.read_csv(out / "transfer.csv"), pd.read_csv(out / "results.csv")
     assert len(rows) == 2 * 3 * 2 and set(rows.variant) == {"ticket", "reinit"}
     tickets = mnist[mnist.variant == "ticket"].set_index(["trial", "round"])
@@ -30,8 +34,9 @@ def test_transfer_trains_every_rounds_ticket_mask_from_w0_and_from_a_fresh_init(
     assert (out / "transfer.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_finished_run_gains_a_transfer_on_resume_and_offline_fails_with_one_line(tmp_path, fashion, capsys,
-                                                                                   monkeypatch):
+def test_a_finished_run_gains_a_transfer_on_resume_and_offline_fails_with_one_line(
+    tmp_path, fashion, capsys, monkeypatch
+):
     out = tmp_path / "out"
     assert lot.main([*TINY, "--out", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -46,14 +51,22 @@ def test_a_finished_run_gains_a_transfer_on_resume_and_offline_fails_with_one_li
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Fashion-MNIST not found" in err[0] and "--transfer-data" in err[0]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the MNIST results stay intact
-    assert lot.main([*TINY, "--out", str(out), "--resume", "--transfer", "fashion-mnist",
-                     "--transfer-data", str(fashion)]) == 0
+    assert (
+        lot.main([*TINY, "--out", str(out), "--resume", "--transfer", "fashion-mnist", "--transfer-data", str(fashion)])
+        == 0
+    )
     assert len(pd.read_csv(out / "transfer.csv")) == 6
     assert (out / "results.csv").read_bytes() == before["results.csv"]
 
 
-@pytest.mark.parametrize("flags", [["--transfer", "cifar10"], ["--transfer-data", "x.npz"],
-                                   ["--transfer", "fashion-mnist", "--transfer-data", "/nonexistent/f.npz"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--transfer", "cifar10"],
+        ["--transfer-data", "x.npz"],
+        ["--transfer", "fashion-mnist", "--transfer-data", "/nonexistent/f.npz"],
+    ],
+)
 def test_bad_transfer_settings_get_one_line_and_exit_2(flags, tmp_path, capsys):
     out = tmp_path / "out"
     assert lot.main([*TINY, *flags, "--out", str(out)]) == 2

@@ -56,7 +56,9 @@ def test_oneshot_masks_keep_exactly_the_iterative_count_of_each_level(scope):
             for m, rate in zip(masks, (0.2, 0.2, 0.1)):
                 assert int(m.sum()) == lot.surviving_schedule(m.numel(), rate, r)[-1]
         kept = torch.cat([w[m].abs() for w, m in zip(dense, masks)]) if scope == "global" else dense[0][masks[0]].abs()
-        dropped = torch.cat([w[~m].abs() for w, m in zip(dense, masks)]) if scope == "global" else dense[0][~masks[0]].abs()
+        dropped = (
+            torch.cat([w[~m].abs() for w, m in zip(dense, masks)]) if scope == "global" else dense[0][~masks[0]].abs()
+        )
         assert kept.min() >= dropped.max()  # one cut through the dense magnitudes
         assert all(not (m & ~p).any() for m, p in zip(masks, previous))  # levels nest
         previous = masks
@@ -80,7 +82,9 @@ def test_random_control_has_the_tickets_per_layer_counts_but_not_its_mask():
         assert [int(m.sum()) for m in random] == [int(m.sum()) for m in ticket]
         assert not torch.equal(random[0], ticket[0])
         assert all(torch.equal(a, b) for a, b in zip(random, again))  # redrawn identically from its seed
-    assert not torch.equal(lot.member_masks(cfg, state, 0, "random", 2)[0], lot.member_masks(cfg, state, 1, "random", 2)[0])
+    assert not torch.equal(
+        lot.member_masks(cfg, state, 0, "random", 2)[0], lot.member_masks(cfg, state, 1, "random", 2)[0]
+    )
 
 
 # --- late rewinding ---------------------------------------------------------------------------
@@ -164,11 +168,25 @@ def test_xavier_normal_init_is_glorots_with_zero_biases():
 def test_presets_resolve_to_the_documented_settings_and_explicit_flags_win():
     assert cfg_of() == lot.Config()
     proto = cfg_of("--preset", "prototype")
-    assert (proto.scope, proto.layer_rates, proto.optimizer, proto.lr, proto.batch_size, proto.epochs, proto.rounds) == (
-        "layer", "0.2", "adam", 1.2e-3, 64, 5, 10)
+    assert (
+        proto.scope,
+        proto.layer_rates,
+        proto.optimizer,
+        proto.lr,
+        proto.batch_size,
+        proto.epochs,
+        proto.rounds,
+    ) == ("layer", "0.2", "adam", 1.2e-3, 64, 5, 10)
     paper = cfg_of("--preset", "paper")
-    assert (paper.scope, paper.layer_rates, paper.optimizer, paper.lr, paper.batch_size, paper.iterations,
-            paper.init) == ("layer", "0.2,0.2,0.1", "adam", 1.2e-3, 60, 50_000, "xavier-normal")
+    assert (
+        paper.scope,
+        paper.layer_rates,
+        paper.optimizer,
+        paper.lr,
+        paper.batch_size,
+        paper.iterations,
+        paper.init,
+    ) == ("layer", "0.2,0.2,0.1", "adam", 1.2e-3, 60, 50_000, "xavier-normal")
     assert lot.layer_rates(paper) == (0.2, 0.2, 0.1)
     mine = cfg_of("--preset", "paper", "--lr", "0.005", "--iterations", "100")
     assert (mine.lr, mine.iterations, mine.optimizer) == (0.005, 100, "adam")
@@ -199,8 +217,12 @@ def test_every_variant_flag_end_to_end(tmp_path):
 
 def test_paper_preset_end_to_end_with_layer_rates_adam_and_iterations(tmp_path):
     out = tmp_path / "paper"
-    assert lot.main(["--preset", "paper", "--train-subset", "600", "--iterations", "25", "--rounds", "2",
-                     "--out", str(out)]) == 0
+    assert (
+        lot.main(
+            ["--preset", "paper", "--train-subset", "600", "--iterations", "25", "--rounds", "2", "--out", str(out)]
+        )
+        == 0
+    )
     rows = pd.read_csv(out / "results.csv")
     last = rows[(rows["round"] == 2) & (rows.variant == "ticket")].iloc[0]
     assert (last.fc1_pct, last.fc2_pct, last.fc3_pct) == (64.0, 64.0, 81.0)  # 0.8^2, 0.8^2, 0.9^2

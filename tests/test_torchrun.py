@@ -1,0 +1,146 @@
+"""torchrun: trials sharded over processes (CPU, gloo) give the single process's outputs, byte for
+byte; a stopped job resumes per rank; a failed rank fails the job and is named."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, SCRIPT, lot
+
+FILES = ("results.csv", "curves.csv", "masks.pt", "validation.csv")
+# 3 trials on 2 ranks (shards of 2 and 1); 12 members in one process, at most 8 on a rank
+QUICK = [
+    "--trials",
+    "3",
+    "--train-subset",
+    "600",
+    "--rounds",
+    "2",
+    "--epochs",
+    "1",
+    "--controls",
+    "reinit,random",
+    "--oneshot",
+]
+SLOW = [
+    "--trials",
+    "3",
+    "--train-subset",
+    "1200",
+    "--batch-size",
+    "10",
+    "--rounds",
+    "2",
+    "--epochs",
+    "1",
+    "--val-size",
+    "100",
+    "--eval-every",
+    "50",
+]
+ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args, **kwargs):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT), *args]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
+
+
+def single(out, args):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--out", str(out)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    return path.exists()
+
+
+def test_two_processes_write_exactly_what_one_process_writes(tmp_path):
+    single(tmp_path / "one", QUICK)
+    proc = torchrun(*QUICK, "--out", str(tmp_path / "two"))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    for name in FILES[:3]:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint*")) == [
+        "checkpoint.rank0.pt",
+        "checkpoint.rank1.pt",
+    ]
+
+
+def test_a_stopped_job_resumes_per_rank_to_the_same_bytes(tmp_path):
+    single(tmp_path / "one", SLOW)
+    out = tmp_path / "two"
+    proc = torchrun(*SLOW, "--out", str(out))
+    assert wait_for(out / "config.json", proc)
+    time.sleep(2.0)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler preempting the job
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "resume with:" in err, err
+    assert (out / "checkpoint.rank0.pt").exists() and (out / "checkpoint.rank1.pt").exists()
+    proc = torchrun(*SLOW, "--out", str(out), "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    for name in FILES:
+        assert (out / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_a_failed_rank_fails_the_job_names_the_rank_and_leaves_only_whole_files(tmp_path):
+    out = tmp_path / "out"
+    proc = torchrun(*SLOW, "--out", str(out))
+    assert wait_for(out / "config.json", proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    rank1 = [
+        p for p in workers if "RANK=1" in open(f"/proc/{p}/environ", "rb").read().decode(errors="ignore").split("\0")
+    ]
+    assert rank1, workers
+    time.sleep(1.0)
+    os.kill(int(rank1[0]), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert re.search(r"rank\s*:\s*1\b", err), err[-2000:]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [(["--trials", "1"], "fewer than the 2 torchrun processes"), (["--trials", "2", "--data-parallel"], "do not mix")],
+)
+def test_impossible_sharding_is_refused_by_every_rank(tmp_path, flags, message):
+    proc = torchrun("--train-subset", "300", "--rounds", "1", "--epochs", "1", *flags, "--out", str(tmp_path / "o"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert err.count(message) == 2 and "rank 0: error" in err and "rank 1: error" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_shards_are_contiguous_and_cover_every_trial_once():
+    for trials in range(1, 9):
+        for world in range(1, trials + 1):
+            parts = [lot.shard(trials, lot.Ranks(r, world)) for r in range(world)]
+            assert [t for p in parts for t in p] == list(range(trials))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
