@@ -31,20 +31,28 @@ sys.path.insert(0, str(ROOT))
 import lot_improved as lot  # noqa: E402
 
 
-def write_idx_files(npz: Path, root: Path) -> None:
-    """torchvision's MNIST reads the raw IDX files; make them from the bundled npz (no network)."""
+IDX_FILES = {
+    "train-images-idx3-ubyte": "x_train",
+    "train-labels-idx1-ubyte": "y_train",
+    "t10k-images-idx3-ubyte": "x_test",
+    "t10k-labels-idx1-ubyte": "y_test",
+}
+
+
+def write_idx(arrays: dict, root: Path) -> None:
+    """torchvision's MNIST reads the raw IDX files: write them from arrays like mnist.npz's."""
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
+    for name, key in IDX_FILES.items():
+        a = np.asarray(arrays[key], dtype=np.uint8)
+        header = struct.pack(">IIII", 2051, *a.shape) if a.ndim == 3 else struct.pack(">II", 2049, len(a))
+        (raw / name).write_bytes(header + a.tobytes())
+
+
+def write_idx_files(npz: Path, root: Path) -> None:
+    """The bundled npz as torchvision's raw files (no network)."""
     with np.load(npz) as f:
-        for name, key in [
-            ("train-images-idx3-ubyte", "x_train"),
-            ("train-labels-idx1-ubyte", "y_train"),
-            ("t10k-images-idx3-ubyte", "x_test"),
-            ("t10k-labels-idx1-ubyte", "y_test"),
-        ]:
-            a = f[key]
-            header = struct.pack(">IIII", 2051, *a.shape) if a.ndim == 3 else struct.pack(">II", 2049, len(a))
-            (raw / name).write_bytes(header + a.astype(np.uint8).tobytes())
+        write_idx({k: f[k] for k in IDX_FILES.values()}, root)
 
 
 def sync(device: torch.device) -> None:

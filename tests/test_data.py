@@ -1,12 +1,11 @@
 """Data: the bundled MNIST is the real one, wrong files are refused, the torchvision path works offline
 when its files are there and fails with one helpful line when they are not."""
 
-import struct
-
 import numpy as np
 import pytest
 import torch
 
+from benchmarks.epoch_throughput import write_idx
 from conftest import MNIST_NPZ, lot, synthetic_arrays
 
 
@@ -31,23 +30,9 @@ def test_data_dir_may_name_the_npz_itself(synthetic_npz):
     assert len(train.y) == 120
 
 
-def write_idx(folder, arrays):
-    raw = folder / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name, key in [
-        ("train-images-idx3-ubyte", "x_train"),
-        ("train-labels-idx1-ubyte", "y_train"),
-        ("t10k-images-idx3-ubyte", "x_test"),
-        ("t10k-labels-idx1-ubyte", "y_test"),
-    ]:
-        a = arrays[key]
-        header = struct.pack(">IIII", 2051, *a.shape) if a.ndim == 3 else struct.pack(">II", 2049, len(a))
-        (raw / name).write_bytes(header + a.tobytes())
-
-
 def test_without_npz_torchvision_reads_mnist_from_data_dir(tmp_path):
     arrays = synthetic_arrays(n_train=90, n_test=30, seed=4)
-    write_idx(tmp_path, arrays)
+    write_idx(arrays, tmp_path)
     train, test = lot.load_mnist(str(tmp_path), torch.device("cpu"))
     assert torch.equal(train.y, torch.from_numpy(arrays["y_train"].astype(np.int64)))
     torch.testing.assert_close(test.x, lot.normalise(arrays["x_test"]))
