@@ -120,3 +120,20 @@ def test_data_parallel_training_path_matches_the_fast_path():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for w, m in zip(wrapped.weights, masks):
         assert (w[~m] == 0.0).all()
+
+
+def test_the_step_loop_never_reads_a_tensor_back_to_the_host(monkeypatch):
+    # On a GPU any of these would stall the queue every step; here they are made to fail.
+    net = random_stack(2, 2)
+    opt = lot.MaskedSGD(net, [torch.ones_like(w) for w in net.weights], lr=0.01, momentum=0.9)
+    data = lot.Split(torch.randn(300, 784), torch.randint(0, 10, (300,)))
+    order = lot.epoch_order(300, [torch.Generator().manual_seed(t) for t in range(2)], torch.device("cpu"))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read inside the step loop")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    loss_sum, steps = lot.train_epoch(net, opt, data, order, 60)
+    monkeypatch.undo()
+    assert steps == 5 and torch.isfinite(loss_sum).all()
