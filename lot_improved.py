@@ -868,6 +868,7 @@ class RunState:
     curves: list[dict] = field(default_factory=list)  # curves.csv
     evals: list[dict] = field(default_factory=list)  # validation.csv (with --val-size)
     trials: list[int] = field(default_factory=list)  # the trial ids this process runs (torchrun shards them)
+    elapsed_s: float = 0.0  # wall time of the run so far, every process up to its last checkpoint
 
 
 class Paused(Exception):
@@ -1954,10 +1955,18 @@ def run_main(
 ) -> int:
     """main's second half: train (or continue), checkpoint, write outputs, report."""
     who = f"lot_improved: rank {ranks.rank}" if ranks.world > 1 else "lot_improved"
+    earlier = state.elapsed_s  # spent by the processes this one resumes
+
+    def elapsed() -> float:
+        return earlier + time.perf_counter() - started
 
     def config(status: str, **extra: Any) -> None:
         if ranks.main:
             write_config(cfg, device, out, status=status, data_sha256=data_sha, world_size=ranks.world, **extra)
+
+    def timing() -> dict[str, float]:  # a resumed run reports its whole time, and this process's
+        this = round(time.perf_counter() - started, 1)
+        return {"wall_time_s": round(elapsed(), 1), **({"wall_time_this_process_s": this} if earlier else {})}
 
     merged: list[Optional[RunState]] = [None]
 
@@ -1969,6 +1978,7 @@ def run_main(
     def save(state: RunState, round_done: bool) -> None:
         if round_done:  # first: a round is checkpointed as done once every rank has finished it
             tables(state)
+        state.elapsed_s = elapsed()
         save_checkpoint(out, cfg, device, data_sha, state, ckpt)
 
     try:
@@ -1991,7 +2001,7 @@ def run_main(
                 name = signal.Signals(stop.signum or signal.SIGINT).name
                 if ranks.main and (out / "results.csv").exists():  # the finished rounds, as written
                     write_outputs(pd.read_csv(out / "results.csv"), out)
-                config("interrupted", wall_time_s=round(time.perf_counter() - started, 1))
+                config("interrupted", **timing())
                 where = f"checkpoint at {e}" if isinstance(e, Paused) else "last checkpoint kept"
                 print(
                     f"{who}: {name}: stopped, {state.round} round(s) finished, {where}; resume with: "
@@ -2045,8 +2055,8 @@ def run_main(
                     {"ticket": COLORS["ticket"], "reinit": COLORS["control"]},
                     (dense, "dense (round 0 ticket)"),
                 )
-        wall = time.perf_counter() - started
-        config("finished", wall_time_s=round(wall, 1))
+        wall = elapsed()
+        config("finished", **timing())
     except RankLost as e:  # another rank failed or vanished; torchrun names it
         print(
             f"{who}: error: lost contact with the other torchrun processes ({one_line(e)[:160]}); every "
@@ -2063,7 +2073,8 @@ def run_main(
         return EXIT_CODES["cannot write"]
     if ranks.main:
         print("\n" + summary)
-        print(f"lot_improved: finished in {wall / 60:.1f} min; outputs in {out}/", file=sys.stderr)
+        this = f" ({(time.perf_counter() - started) / 60:.1f} min in this process)" if earlier else ""
+        print(f"lot_improved: finished in {wall / 60:.1f} min{this}; outputs in {out}/", file=sys.stderr)
         show_inline(figures)
     return EXIT_CODES["finished"]
 

@@ -89,10 +89,14 @@ def test_signal_finishes_the_step_checkpoints_says_how_to_resume_and_exits(tmp_p
     assert "resume with: python lot_improved.py" in err and "--resume" in err and "Traceback" not in err
     state, _ = lot.load_checkpoint(out)
     assert state.step > 0 or state.epoch > 1 or state.round > 0  # some work was kept
-    assert json.loads((out / "config.json").read_text())["status"] == "interrupted"
+    interrupted = json.loads((out / "config.json").read_text())
+    assert interrupted["status"] == "interrupted"
+    assert 0 < state.elapsed_s <= interrupted["wall_time_s"]  # the checkpoint carries the time spent
     proc = launch(out, "--resume")
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     assert_identical(out, reference)
+    finished = json.loads((out / "config.json").read_text())  # the whole run's time, not the last process's
+    assert finished["wall_time_s"] == pytest.approx(state.elapsed_s + finished["wall_time_this_process_s"], abs=0.2)
 
 
 TINY = ["--train-subset", "600", "--epochs", "2"]
