@@ -6,6 +6,10 @@ torch.optim.SGD, and the weights multiplied by their mask after every step, run 
 ticket and once for the control. The engine trains both members as one stacked network on
 device-resident tensors (lot_improved.train_epoch). Prints both times and the ratio.
 
+It also times one large square matmul on the same device in every repeat: the speed the
+hardware gives matrix maths, against which the engine's matmul work per second is reported
+(how close to the machine's ceiling a step already is).
+
     python benchmarks/epoch_throughput.py                 # full epoch (1000 steps), 3 repeats, CPU
     python benchmarks/epoch_throughput.py --steps 200     # quicker, fewer steps
     python benchmarks/epoch_throughput.py --device cuda --json results/benchmark_cuda.json
@@ -106,6 +110,24 @@ def engine_epoch(npz: Path, device: torch.device, steps: int, seed: int) -> floa
     return time.perf_counter() - start
 
 
+# A step's matmul work for one member: forward through all three layers, the weight gradients of
+# all three, and the activation gradients of fc2 and fc3 (none is needed for the input).
+STEP_FLOP_PER_SAMPLE = 2 * (3 * lot.PRUNABLE - lot.SHAPES[0][0] * lot.SHAPES[0][1])
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """The device's speed on one large square float32 matmul (GFLOP/s)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1000, help="steps per member (1000 = one epoch)")
@@ -118,12 +140,13 @@ def main() -> int:
     if not 1 <= args.steps <= 1000 or args.repeats < 1:
         parser.error("--steps must be in 1..1000 and --repeats positive")
     device = lot.resolve_device(args.device)
-    reference, engine = [], []
+    reference, engine, ceiling = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         write_idx_files(Path(args.npz), Path(tmp))
         for r in range(args.repeats):  # interleaved, so a slow spell of the machine hits both
             reference.append(reference_epoch(Path(tmp), device, args.steps, args.seed + r))
             engine.append(engine_epoch(Path(args.npz), device, args.steps, args.seed + r))
+            ceiling.append(matmul_gflops(device))
     best = {"reference": min(reference), "engine": min(engine)}
     median = {"reference": statistics.median(reference), "engine": statistics.median(engine)}
     env = lot.environment()
@@ -141,16 +164,25 @@ def main() -> int:
         )
     ratio, ratio_median = best["reference"] / best["engine"], median["reference"] / median["engine"]
     print(f"{'ratio reference / engine':42s} best {ratio:7.2f}x, median {ratio_median:.2f}x")
+    work = 2 * 60 * STEP_FLOP_PER_SAMPLE * args.steps / 1e9  # GFLOP of matmul in the timed steps
+    engine_gflops = work / best["engine"]
+    print(
+        f"{'engine matmul work':42s} {engine_gflops:.0f} GFLOP/s at its best; one 2048x2048 matmul: best "
+        f"{max(ceiling):.0f}, median {statistics.median(ceiling):.0f} GFLOP/s "
+        f"({100 * engine_gflops / max(ceiling):.0f}% of the best)"
+    )
     if args.json:
         payload = {
             "device": str(device),
             **env,
             "steps": args.steps,
             "repeats": args.repeats,
-            "reference_s": [round(t, 3) for t in reference],
-            "engine_s": [round(t, 3) for t in engine],
+            "reference_s": [round(t, 4) for t in reference],
+            "engine_s": [round(t, 4) for t in engine],
             "ratio_best": round(ratio, 2),
             "ratio_median": round(ratio_median, 2),
+            "engine_matmul_gflops_best": round(engine_gflops, 1),
+            "matmul_2048_gflops": [round(g, 1) for g in ceiling],
         }
         lot.write_text(Path(args.json), json.dumps(payload, indent=2) + "\n")
     return 0
