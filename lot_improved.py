@@ -2055,8 +2055,8 @@ def run_main(
                     {"ticket": COLORS["ticket"], "reinit": COLORS["control"]},
                     (dense, "dense (round 0 ticket)"),
                 )
-        wall = elapsed()
-        config("finished", **timing())
+        times = timing()
+        config("finished", **times)
     except RankLost as e:  # another rank failed or vanished; torchrun names it
         print(
             f"{who}: error: lost contact with the other torchrun processes ({one_line(e)[:160]}); every "
@@ -2073,8 +2073,10 @@ def run_main(
         return EXIT_CODES["cannot write"]
     if ranks.main:
         print("\n" + summary)
-        this = f" ({(time.perf_counter() - started) / 60:.1f} min in this process)" if earlier else ""
-        print(f"lot_improved: finished in {wall / 60:.1f} min{this}; outputs in {out}/", file=sys.stderr)
+        took = f"{times['wall_time_s'] / 60:.1f} min"
+        if "wall_time_this_process_s" in times:
+            took += f" ({times['wall_time_this_process_s'] / 60:.1f} min in this process)"
+        print(f"lot_improved: finished in {took}; outputs in {out}/", file=sys.stderr)
         show_inline(figures)
     return EXIT_CODES["finished"]
 
