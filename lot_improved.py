@@ -508,9 +508,15 @@ def default_init(generator: torch.Generator, scheme: str = "kaiming-uniform") ->
     return weights + biases
 
 
-def lenet_forward(x: Tensor, w: Sequence[Tensor], b: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """x [M,B,784] -> hidden activations h1 [M,B,300], h2 [M,B,100] and log-probabilities [M,B,10]."""
-    h1 = torch.baddbmm(b[0].unsqueeze(1), x, w[0].transpose(1, 2)).relu_()
+def lenet_forward(
+    x: Tensor, w: Sequence[Tensor], b: Sequence[Tensor], rows: Optional[LiveRows] = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x [M,B,784] -> hidden activations h1 [M,B,300], h2 [M,B,100] and log-probabilities [M,B,10].
+    rows: compute fc1 on its live rows only (same bits)."""
+    if rows is None:
+        h1 = torch.baddbmm(b[0].unsqueeze(1), x, w[0].transpose(1, 2)).relu_()
+    else:
+        h1 = rows.hidden(x, w[0], b[0])
     h2 = torch.baddbmm(b[1].unsqueeze(1), h1, w[1].transpose(1, 2)).relu_()
     logp = torch.baddbmm(b[2].unsqueeze(1), h2, w[2].transpose(1, 2)).log_softmax(-1)
     return h1, h2, logp
@@ -530,17 +536,51 @@ def lenet_backward(
     logp: Tensor,
     dloss: Tensor | float,
     out: Optional[Sequence[Tensor]] = None,
+    rows: Optional[LiveRows] = None,
 ) -> list[Tensor]:
     """Gradients [dw1, dw2, dw3, db1, db2, db3] of sum(dloss * per-sample loss): six batched
-    matmuls. Consumes logp. out: optional buffers for the weight gradients (saves allocations)."""
+    matmuls. Consumes logp. out: optional buffers for the six gradients (saves allocations).
+    rows: dw1 on fc1's live rows only; out[0]'s other rows are left as they are."""
     d3 = logp.exp_()  # dloss/dlogits = softmax - onehot
     d3.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(d3[..., :1], -1.0))
     d3.mul_(dloss.unsqueeze(-1) if isinstance(dloss, Tensor) else dloss)
     d2 = torch.ops.aten.threshold_backward(torch.bmm(d3, w[2]), h2, 0)  # ReLU': 1 where h > 0
     d1 = torch.ops.aten.threshold_backward(torch.bmm(d2, w[1]), h1, 0)
-    out = out or [None, None, None]
-    dw = [torch.bmm(d.transpose(1, 2), a, out=o) for d, a, o in zip((d1, d2, d3), (x, h1, h2), out)]
-    return dw + [d1.sum(1), d2.sum(1), d3.sum(1)]
+    out = out or [None] * 6
+    dw = [torch.bmm(d.transpose(1, 2), a, out=o) for d, a, o in zip((d2, d3), (h1, h2), out[1:3])]
+    dw1 = torch.bmm(d1.transpose(1, 2), x, out=out[0]) if rows is None else rows.weight_grad(d1, x, out[0])
+    return [dw1, *dw] + [torch.sum(d, 1, out=o) for d, o in zip((d1, d2, d3), out[3:])]
+
+
+class LiveRows:
+    """fc1's rows (hidden units) that still have a live incoming weight, per member; k of them,
+    a member with fewer padded with dead ones. Global pruning strips fc1 until, from about
+    round 12, whole rows die (180 of 300 at round 20), and fc1's two matmuls, most of a step,
+    can skip them: a dead row's pre-activation is its bias alone and its weight gradient is
+    masked away. Every computed element is the same dot product as in the full matmul, so on
+    CPU the step's every bit is unchanged (tested); only the work shrinks."""
+
+    def __init__(self, mask1: Tensor):
+        members, units, _ = mask1.shape
+        alive = mask1.any(2)  # [M, 300]
+        self.k = int(alive.sum(1).max())
+        order = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, : self.k]  # live rows first
+        self.index = order.unsqueeze(1)  # [M, 1, k]: units along the last dim of h1
+        self.flat = (order + units * torch.arange(members, device=order.device).unsqueeze(1)).reshape(-1)
+
+    def hidden(self, x: Tensor, w1: Tensor, b1: Tensor) -> Tensor:
+        """relu(x w1^T + b1) [M,B,300], with a dead row's output relu(b1) (its sum is of zeros)."""
+        (members, units, inputs), batch = w1.shape, x.shape[1]
+        w = w1.reshape(-1, inputs).index_select(0, self.flat).view(members, self.k, inputs)
+        live = torch.baddbmm(b1.gather(1, self.index[:, 0]).unsqueeze(1), x, w.transpose(1, 2)).relu_()
+        h1 = b1.relu().unsqueeze(1).expand(members, batch, units).clone()
+        return h1.scatter_(2, self.index.expand(members, batch, self.k), live)
+
+    def weight_grad(self, d1: Tensor, x: Tensor, out: Tensor) -> Tensor:
+        """dw1 = d1^T x on the live rows, written into out [M,300,784]."""
+        members, batch, _ = d1.shape
+        live = torch.bmm(d1.gather(2, self.index.expand(members, batch, self.k)).transpose(1, 2), x)
+        return out.view(-1, x.shape[2]).index_copy_(0, self.flat, live.view(-1, x.shape[2])).view_as(out)
 
 
 class _StackedLeNetLoss(torch.autograd.Function):
@@ -566,16 +606,52 @@ class LeNetStack(nn.Module):
     member; batch is dim 1, so nn.DataParallel(net, dim=1) splits batches, not members.
     forward(x) gives log-probabilities [M, B, 10]; forward(x, y) per-sample losses [M, B] through autograd;
     backprop(x, y) the same losses, with the gradients of their batch mean written to .grad
-    directly (no autograd: about 2x faster per step on CPU at these sizes)."""
+    directly (no autograd: about 2x faster per step on CPU at these sizes).
+
+    All parameters are views into one flat tensor, and their gradients into another, so the
+    optimiser updates every member's every layer in one pass per operation."""
 
     def __init__(self, members: int, members_per_trial: int, device: torch.device):
         super().__init__()
         self.members, self.members_per_trial = members, members_per_trial
         self.weights = nn.ParameterList([nn.Parameter(torch.zeros(members, o, i, device=device)) for o, i in SHAPES])
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(members, o, device=device)) for o, _ in SHAPES])
+        self._pack()
+        self.rows: Optional[LiveRows] = None
+
+    def skip_dead_rows(self, mask1: Tensor) -> None:
+        """From now on compute fc1 on the rows mask1 [M,300,784] keeps alive, when few enough
+        of them are left for that to pay (80% or fewer, measured on CPU); else on every row."""
+        rows = LiveRows(mask1)
+        self.rows = rows if rows.k <= 0.8 * mask1.shape[1] else None
+        self._grads[0].zero_()  # dead rows' gradients are no longer written
+
+    def _pack(self) -> None:
+        """(Re)build the flat parameter and gradient tensors, keeping the current values."""
+        params = [*self.weights, *self.biases]
+        self.flat = torch.cat([p.detach().reshape(-1) for p in params])
+        self.flat_grad = torch.zeros_like(self.flat)
+        for p, view in zip(params, views_like(self.flat, params)):
+            p.data = view
+        self._grads = views_like(self.flat_grad, params)
         # Plain tuples for the per-step fast path: ParameterList indexing costs ~5 us a call.
         # (nn.DataParallel replicas do not update these; they only ever run forward().)
         self._w, self._b = tuple(self.weights), tuple(self.biases)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "LeNetStack":
+        super()._apply(fn, recurse)  # .to(), .double(), ...: new tensors, so pack them again
+        self._pack()
+        return self
+
+    def grads(self) -> list[Tensor]:
+        """The six gradient views into flat_grad, attached as .grad. A gradient that autograd
+        left elsewhere (after zero_grad(set_to_none=True)) is copied in first."""
+        for p, g in zip([*self._w, *self._b], self._grads):
+            if p.grad is not g:
+                if p.grad is not None:
+                    g.copy_(p.grad)
+                p.grad = g
+        return self._grads
 
     def per_member(self, t: Tensor) -> Tensor:
         """[T, B, ...] -> [M, B, ...]: each trial's batch for each of its members (a view if T=1)."""
@@ -592,20 +668,20 @@ class LeNetStack(nn.Module):
     def backprop(self, x: Tensor, y: Tensor) -> Tensor:
         w, b = self._w, self._b
         xm, ym = self.per_member(x), self.per_member(y)
-        h1, h2, logp = lenet_forward(xm, w, b)
+        h1, h2, logp = lenet_forward(xm, w, b, self.rows)
         losses = nll(logp, ym)
-        if w[0].grad is None:
-            for p in (*w, *b):
-                p.grad = torch.empty_like(p)
-        grads = lenet_backward(xm, ym, w, h1, h2, logp, 1.0 / x.shape[1], [p.grad for p in w])
-        for p, g in zip(b, grads[3:]):
-            p.grad = g
+        lenet_backward(xm, ym, w, h1, h2, logp, 1.0 / x.shape[1], self.grads(), self.rows)
         return losses
 
     @torch.no_grad()
     def load(self, params: Sequence[Tensor]) -> None:
         for p, value in zip([*self.weights, *self.biases], params):
             p.copy_(value)
+
+
+def views_like(flat: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Consecutive views of flat shaped like tensors (flat holds them end to end)."""
+    return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def unwrap(net: nn.Module) -> LeNetStack:
@@ -696,14 +772,29 @@ def rewind(init: Sequence[Tensor], masks: Sequence[Tensor]) -> list[Tensor]:
 class MaskedSGD:
     """torch.optim.SGD's update (buf = momentum * buf + grad; w -= lr * buf), with every weight
     gradient multiplied by its mask first. The masked gradient keeps a pruned weight, and its
-    momentum, exactly 0.0 for the whole round. Three fused passes over all members' parameters."""
+    momentum, exactly 0.0 for the whole round. Three passes over the stack's flat parameters
+    (the same arithmetic, element by element, as the per-tensor foreach kernels)."""
 
     def __init__(self, net: LeNetStack, masks: Sequence[Tensor], lr: float, momentum: float):
-        self.params = [*net.weights, *net.biases]
-        self.masks = list(masks)
+        self.net = net
+        self.param, self.grad = net.flat, net.flat_grad
+        self.buf = torch.zeros_like(self.param)
+        self.bufs = views_like(self.buf, [*net.weights, *net.biases])  # per parameter, for checkpoints
+        self.masks = masks
         self.lr, self.momentum = lr, momentum
-        self.bufs = [torch.zeros_like(p) for p in self.params]
         self.steps = 0
+
+    @property
+    def masks(self) -> list[Tensor]:
+        return self._masks
+
+    @masks.setter
+    def masks(self, masks: Sequence[Tensor]) -> None:
+        """One float mask per weight tensor (none: all ones); flattened beside ones for the biases."""
+        self._masks = list(masks)
+        weights = sum(w.numel() for w in self.net.weights)
+        parts = [m.reshape(-1).to(self.param) for m in self._masks] or [self.param.new_ones(weights)]
+        self.mask = torch.cat([*parts, self.param.new_ones(self.param.numel() - weights)])
 
     def state(self) -> list[Tensor]:
         return self.bufs
@@ -717,12 +808,8 @@ class MaskedSGD:
 
     @torch.no_grad()
     def step(self) -> None:
-        n = len(self.masks)
-        grads = [p.grad for p in self.params]
-        torch._foreach_mul_(self.bufs, self.momentum)
-        torch._foreach_addcmul_(self.bufs[:n], grads[:n], self.masks)  # grad * mask is exact: same bits
-        torch._foreach_add_(self.bufs[n:], grads[n:])
-        torch._foreach_add_(self.params, self.bufs, alpha=-self.lr)
+        self.buf.mul_(self.momentum).addcmul_(self.grad, self.mask)  # grad * mask is exact: same bits
+        self.param.add_(self.buf, alpha=-self.lr)
         self.steps += 1
 
 
@@ -734,32 +821,35 @@ class MaskedAdam(MaskedSGD):
 
     def __init__(self, net: LeNetStack, masks: Sequence[Tensor], lr: float):
         super().__init__(net, masks, lr, momentum=0.0)
-        self.bufs = [torch.zeros_like(p) for p in self.params]  # first moments
-        self.squares = [torch.zeros_like(p) for p in self.params]  # second moments
+        self.square = torch.zeros_like(self.param)
+        self.squares = views_like(self.square, self.bufs)  # second moments; bufs are the first
 
     def state(self) -> list[Tensor]:
         return self.bufs + self.squares
 
     @torch.no_grad()
     def step(self) -> None:
-        n = len(self.masks)
-        grads = [p.grad for p in self.params]
-        torch._foreach_mul_(grads[:n], self.masks)
+        grad = self.grad.mul_(self.mask)
         self.steps += 1
         (beta1, beta2), t = self.betas, self.steps
-        torch._foreach_lerp_(self.bufs, grads, 1 - beta1)
-        torch._foreach_mul_(self.squares, beta2)
-        torch._foreach_addcmul_(self.squares, grads, grads, 1 - beta2)
-        denom = torch._foreach_sqrt(self.squares)
-        torch._foreach_div_(denom, math.sqrt(1 - beta2**t))
-        torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(self.params, self.bufs, denom, -self.lr / (1 - beta1**t))
+        self.buf.lerp_(grad, 1 - beta1)
+        self.square.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = self.square.sqrt().div_(math.sqrt(1 - beta2**t)).add_(self.eps)
+        self.param.addcdiv_(self.buf, denom, value=-self.lr / (1 - beta1**t))
 
 
 def make_optimizer(cfg: Config, net: LeNetStack) -> MaskedSGD:
     if cfg.optimizer == "adam":
         return MaskedAdam(net, [], cfg.lr)
     return MaskedSGD(net, [], cfg.lr, cfg.momentum)
+
+
+def use_masks(opt: MaskedSGD, masks: Sequence[Tensor]) -> None:
+    """Train on these stacked boolean masks from now on: the optimiser masks the gradients, and
+    on CPU the stack skips fc1's dead rows (verified bit-identical there; elsewhere untested)."""
+    opt.masks = [m.float() for m in masks]
+    if masks[0].device.type == "cpu":
+        opt.net.skip_dead_rows(masks[0])
 
 
 def train_epoch(
@@ -784,12 +874,15 @@ def train_epoch(
     total = torch.zeros(stack.members, device=order.device) if loss_sum is None else loss_sum
     for step in range(first_step, until):
         idx = order[:, step * batch_size : (step + 1) * batch_size]
+        flat = idx.reshape(-1)  # index_select copies a batch twice as fast as x[idx]
+        x, y = train.x.index_select(0, flat).view(*idx.shape, -1), train.y.index_select(0, flat).view(idx.shape)
         if net is stack:
-            losses = stack.backprop(train.x[idx], train.y[idx])
+            losses = stack.backprop(x, y)
         else:  # nn.DataParallel: autograd splits the batch over GPUs and sums the gradients back
-            losses = net(train.x[idx], train.y[idx])
+            losses = net(x, y)
             stack.zero_grad(set_to_none=True)
             (losses.sum() / idx.shape[1]).backward()
+            stack.grads()  # into the flat gradient the optimiser reads
             losses = losses.detach()
         opt.step()
         total += losses.sum(1)
@@ -1117,7 +1210,7 @@ def run_experiment(
                 begin_round(cfg, state, stack, control_gens)
                 opt.reset()
             masks = [member_masks(cfg, state, t, v, rnd) for t in range(len(trials)) for v in names]
-            opt.masks = [m.float() for m in stack_members(masks, device)]
+            use_masks(opt, stack_members(masks, device))
             for epoch in range(state.epoch, epochs + 1):
                 order = epoch_order(index, data_gens, device)
                 steps = min(per_epoch, total - (epoch - 1) * per_epoch)
@@ -1187,7 +1280,7 @@ def run_transfer(
             masks += [m, m]
     stack.load(stack_members(starts, device))
     opt = make_optimizer(cfg, stack)
-    opt.masks = [m.float() for m in stack_members(masks, device)]
+    use_masks(opt, stack_members(masks, device))
     data_gens = [make_generator(cfg.seed, trial, "transfer", 0) for trial in trials]
     n = len(train.y)
     per_epoch, total = steps_per_epoch(cfg, n), round_steps(cfg, n)

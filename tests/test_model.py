@@ -100,3 +100,16 @@ def test_single_image_batch_broadcasts_to_every_member():
     x = torch.randn(1, 9, 784)
     per_trial = net(x.expand(2, -1, -1))
     torch.testing.assert_close(net(x), per_trial)
+
+
+def test_every_parameter_and_gradient_is_a_view_of_one_flat_tensor_even_after_to():
+    net = random_stack(1, 2, dtype=torch.float64)  # .to() makes new tensors: the stack packs them again
+    net.backprop(torch.randn(1, 5, 784, dtype=torch.float64), torch.randint(0, 10, (1, 5)))
+    params = [*net.weights, *net.biases]
+    assert net.flat.dtype == torch.float64 and net.flat.numel() == 2 * 266_610
+    for p in params:
+        assert p.untyped_storage().data_ptr() == net.flat.untyped_storage().data_ptr()
+        assert p.grad.untyped_storage().data_ptr() == net.flat_grad.untyped_storage().data_ptr()
+    with torch.no_grad():
+        net.flat.fill_(0.5)
+    assert all((p == 0.5).all() for p in params)
