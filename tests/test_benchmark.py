@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 from benchmarks.epoch_throughput import STEP_FLOP_PER_SAMPLE
@@ -27,3 +28,9 @@ def test_the_benchmark_times_both_ways_in_one_run_and_reports_their_ratio(tmp_pa
     work = 2 * 60 * STEP_FLOP_PER_SAMPLE * 5 / 1e9
     assert figures["engine_matmul_gflops_best"] == pytest.approx(work / min(engine), rel=0.02)
     assert f"best {figures['ratio_best']:7.2f}x" in proc.stdout
+    # ... and times the last round of results/trials1 with and without skipping fc1's dead rows
+    masks = torch.load(ROOT / "results" / "trials1" / "masks.pt", weights_only=True)["fc1"][0, -1]
+    assert figures["late_round"] == 20 and figures["late_fc1_live_rows"] == int(masks.any(1).sum()) == 120
+    skipping, all_rows = figures["late_skipping_s"], figures["late_all_rows_s"]
+    assert len(skipping) == len(all_rows) == 2
+    assert figures["late_skip_ratio_best"] == pytest.approx(min(all_rows) / min(skipping), rel=0.02)
