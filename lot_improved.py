@@ -794,7 +794,11 @@ class MaskedSGD:
         self._masks = list(masks)
         weights = sum(w.numel() for w in self.net.weights)
         parts = [m.reshape(-1).to(self.param) for m in self._masks] or [self.param.new_ones(weights)]
-        self.mask = torch.cat([*parts, self.param.new_ones(self.param.numel() - weights)])
+        mask = torch.cat([*parts, self.param.new_ones(self.param.numel() - weights)])
+        if getattr(self, "mask", None) is None:
+            self.mask = mask
+        else:
+            self.mask.copy_(mask)  # in place: a captured CUDA graph reads this very tensor
 
     def state(self) -> list[Tensor]:
         return self.bufs
@@ -852,6 +856,69 @@ def use_masks(opt: MaskedSGD, masks: Sequence[Tensor]) -> None:
         opt.net.skip_dead_rows(masks[0])
 
 
+def train_step(net: nn.Module, opt: MaskedSGD, train: Split, idx: Tensor) -> Tensor:
+    """One optimiser step of every member on the batch idx [trials, B]: per-sample losses [M, B]."""
+    stack = unwrap(net)
+    flat = idx.reshape(-1)  # index_select copies a batch twice as fast as x[idx]
+    x, y = train.x.index_select(0, flat).view(*idx.shape, -1), train.y.index_select(0, flat).view(idx.shape)
+    if net is stack:
+        losses = stack.backprop(x, y)
+    else:  # nn.DataParallel: autograd splits the batch over GPUs and sums the gradients back
+        losses = net(x, y)
+        stack.zero_grad(set_to_none=True)
+        (losses.sum() / idx.shape[1]).backward()
+        stack.grads()  # into the flat gradient the optimiser reads
+        losses = losses.detach()
+    opt.step()
+    return losses
+
+
+CUDA_GRAPHS = os.environ.get("LOT_CUDA_GRAPHS", "1") != "0"  # LOT_CUDA_GRAPHS=0: CUDA steps run eagerly
+
+
+class StepGraph:
+    """A full-batch SGD step of a stack, and the running loss sum, captured as one CUDA graph. A
+    GPU step of these small layers costs its kernel launches, not its arithmetic; a replay
+    launches them all at once. The replay runs the same kernels on the same buffers, so the
+    numbers keep their bits (the parameters, optimiser and masks are updated in place)."""
+
+    def __init__(self, stack: LeNetStack, opt: MaskedSGD, train: Split, shape: tuple[int, int]):
+        self.idx = torch.zeros(shape, dtype=torch.long, device=train.x.device)
+        self.total = torch.zeros(stack.members, device=train.x.device)
+        saved, steps = [opt.param.clone(), opt.buf.clone()], opt.steps
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up steps, as capture requires; undone below
+            for _ in range(2):
+                self.total += train_step(stack, opt, train, self.idx).sum(1)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.total += train_step(stack, opt, train, self.idx).sum(1)
+        opt.param.copy_(saved[0])
+        opt.buf.copy_(saved[1])
+        opt.steps = steps
+
+    def step(self, opt: MaskedSGD, idx: Tensor) -> None:
+        self.idx.copy_(idx)
+        self.graph.replay()
+        opt.steps += 1
+
+
+def step_graph(net: nn.Module, opt: MaskedSGD, train: Split, shape: tuple[int, int]) -> Optional[StepGraph]:
+    """The stack's graph for this optimiser, data and batch shape (captured once), where one
+    applies: CUDA, the stacked fast path, and plain SGD (Adam's step-dependent scalars would be
+    frozen into a graph)."""
+    stack = unwrap(net)
+    if not (CUDA_GRAPHS and train.x.is_cuda and net is stack and type(opt) is MaskedSGD):
+        return None
+    graphs = stack.__dict__.setdefault("_graphs", {})
+    key = (id(opt), id(train), shape)
+    if key not in graphs:
+        graphs[key] = (opt, train, StepGraph(stack, opt, train, shape))  # opt, train kept: ids stay theirs
+    return graphs[key][2]
+
+
 def train_epoch(
     net: nn.Module,
     opt: MaskedSGD,
@@ -868,26 +935,25 @@ def train_epoch(
 
     Returns the per-member sum of training losses (added to loss_sum) and the next step: until,
     or fewer if stop() asked to pause. Nothing here reads a tensor back to the host, so GPU
-    steps queue without waiting."""
+    steps queue without waiting; on CUDA each full batch is one graph replay (StepGraph)."""
     stack = unwrap(net)
     until = math.ceil(order.shape[1] / batch_size) if until is None else until
     total = torch.zeros(stack.members, device=order.device) if loss_sum is None else loss_sum
+    graph = step_graph(net, opt, train, (order.shape[0], batch_size)) if first_step < until else None
+    if graph is not None:  # the graph adds into its own buffer; eager steps add to the same one
+        graph.total.copy_(total)
+        total, result = graph.total, total
     for step in range(first_step, until):
         idx = order[:, step * batch_size : (step + 1) * batch_size]
-        flat = idx.reshape(-1)  # index_select copies a batch twice as fast as x[idx]
-        x, y = train.x.index_select(0, flat).view(*idx.shape, -1), train.y.index_select(0, flat).view(idx.shape)
-        if net is stack:
-            losses = stack.backprop(x, y)
-        else:  # nn.DataParallel: autograd splits the batch over GPUs and sums the gradients back
-            losses = net(x, y)
-            stack.zero_grad(set_to_none=True)
-            (losses.sum() / idx.shape[1]).backward()
-            stack.grads()  # into the flat gradient the optimiser reads
-            losses = losses.detach()
-        opt.step()
-        total += losses.sum(1)
+        if graph is not None and idx.shape[1] == batch_size:
+            graph.step(opt, idx)
+        else:
+            total += train_step(net, opt, train, idx).sum(1)
         if stop():
-            return total, step + 1
+            until = step + 1
+            break
+    if graph is not None:
+        total = result.copy_(total)
     return total, until
 
 

@@ -15,9 +15,14 @@ export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5
   for f in results.csv curves.csv masks.pt; do
     cmp -s "$W/tiny1/$f" "$W/tiny2/$f" && echo "cuda determinism $f: identical" || echo "cuda determinism $f: DIFFERENT"
   done
-  timeout 200 python3 benchmarks/epoch_throughput.py --device cuda --json "$W/benchmark_cuda.json"
+  python3 -m pytest -q -p no:cacheprovider tests/test_training.py 2>&1 | tail -3
+  timeout 200 python3 benchmarks/epoch_throughput.py --device cuda --repeats "${REPEATS:-3}" --json "$W/benchmark_cuda.json"
   mkdir -p "$W/trials1_cuda"
   /usr/bin/time -v timeout 330 python3 lot_improved.py --device cuda --out "$W/trials1_cuda" 2>&1 | tr '\r' '\n' | grep -v "rounds:" | tail -40
+  for f in results.csv curves.csv masks.pt summary.md; do  # against the committed CUDA run, if here
+    [ -e "results/trials1_cuda/$f" ] || continue
+    cmp -s "$W/trials1_cuda/$f" "results/trials1_cuda/$f" && echo "full run $f: as committed" || echo "full run $f: DIFFERENT from committed"
+  done
 } 2>&1 | tee "$W/log.txt"
 rm -rf "$W/tiny1" "$W/tiny2"
 tar -czf "$OUT/cuda.tar.gz" -C "$W" .

@@ -179,3 +179,28 @@ def test_rows_are_skipped_only_when_at_most_80_percent_of_fc1_lives():
     for live, skipped in ((300, False), (241, False), (240, True), (3, True)):
         net.skip_dead_rows(dead_row_masks((live, live))[0])
         assert (net.rows is not None) == skipped, live
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_steps_train_exactly_like_eager_steps(monkeypatch):
+    # On CUDA each full batch is one graph replay; 630 images also leave an eager partial batch,
+    # and the second mask checks that a new round's mask reaches the captured graph.
+    cuda = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    data = lot.Split(torch.randn(630, 784, generator=g).to(cuda), torch.randint(0, 10, (630,), generator=g).to(cuda))
+    order = torch.randperm(630, generator=g).unsqueeze(0).to(cuda)
+    runs = []
+    for graphs in (False, True):
+        monkeypatch.setattr(lot, "CUDA_GRAPHS", graphs)
+        net = random_stack(1, 2).to(cuda)
+        masks = [m.to(cuda) for m in half_masks(2)]
+        start_on_masks(net, masks)
+        opt = lot.MaskedSGD(net, [m.float() for m in masks], lr=0.05, momentum=0.9)
+        losses = [lot.train_epoch(net, opt, data, order, 60)[0]]
+        opt.masks = [(m & (torch.rand_like(m, dtype=torch.float) > 0.3)).float() for m in masks]
+        losses += [lot.train_epoch(net, opt, data, order, 60)[0] for _ in range(2)]
+        assert bool(net.__dict__.get("_graphs")) == graphs and opt.steps == 33
+        runs.append(([p.detach().cpu() for p in net.parameters()], [t.cpu() for t in losses]))
+    (eager, eager_losses), (graphed, graphed_losses) = runs
+    assert all(torch.equal(a, b) for a, b in zip(eager, graphed))
+    assert all(torch.equal(a, b) for a, b in zip(eager_losses, graphed_losses))
