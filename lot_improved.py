@@ -637,6 +637,7 @@ class LeNetStack(nn.Module):
         # Plain tuples for the per-step fast path: ParameterList indexing costs ~5 us a call.
         # (nn.DataParallel replicas do not update these; they only ever run forward().)
         self._w, self._b = tuple(self.weights), tuple(self.biases)
+        self._graphs: dict = {}  # CUDA graphs captured on these buffers (step_graph); a re-pack drops them
 
     def _apply(self, fn: Callable, recurse: bool = True) -> "LeNetStack":
         super()._apply(fn, recurse)  # .to(), .double(), ...: new tensors, so pack them again
@@ -780,6 +781,7 @@ class MaskedSGD:
         self.param, self.grad = net.flat, net.flat_grad
         self.buf = torch.zeros_like(self.param)
         self.bufs = views_like(self.buf, [*net.weights, *net.biases])  # per parameter, for checkpoints
+        self.mask: Optional[Tensor] = None
         self.masks = masks
         self.lr, self.momentum = lr, momentum
         self.steps = 0
@@ -795,7 +797,7 @@ class MaskedSGD:
         weights = sum(w.numel() for w in self.net.weights)
         parts = [m.reshape(-1).to(self.param) for m in self._masks] or [self.param.new_ones(weights)]
         mask = torch.cat([*parts, self.param.new_ones(self.param.numel() - weights)])
-        if getattr(self, "mask", None) is None:
+        if self.mask is None:
             self.mask = mask
         else:
             self.mask.copy_(mask)  # in place: a captured CUDA graph reads this very tensor
@@ -912,11 +914,10 @@ def step_graph(net: nn.Module, opt: MaskedSGD, train: Split, shape: tuple[int, i
     stack = unwrap(net)
     if not (CUDA_GRAPHS and train.x.is_cuda and net is stack and type(opt) is MaskedSGD):
         return None
-    graphs = stack.__dict__.setdefault("_graphs", {})
     key = (id(opt), id(train), shape)
-    if key not in graphs:
-        graphs[key] = (opt, train, StepGraph(stack, opt, train, shape))  # opt, train kept: ids stay theirs
-    return graphs[key][2]
+    if key not in stack._graphs:
+        stack._graphs[key] = (opt, train, StepGraph(stack, opt, train, shape))  # opt, train kept: ids stay theirs
+    return stack._graphs[key][2]
 
 
 def train_epoch(

@@ -198,6 +198,8 @@ def main() -> int:
     args = parser.parse_args()
     if not 1 <= args.steps <= 1000 or args.repeats < 1:
         parser.error("--steps must be in 1..1000 and --repeats positive")
+    if args.masks != "none" and not Path(args.masks).is_file():
+        parser.error(f"--masks: no such file {args.masks} (a run's masks.pt, or none)")
     device = lot.resolve_device(args.device)
     late = None if args.masks == "none" else last_round_masks(Path(args.masks))
     reference, engine, ceiling, skipping, all_rows = [], [], [], [], []

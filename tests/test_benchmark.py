@@ -34,3 +34,14 @@ def test_the_benchmark_times_both_ways_in_one_run_and_reports_their_ratio(tmp_pa
     skipping, all_rows = figures["late_skipping_s"], figures["late_all_rows_s"]
     assert len(skipping) == len(all_rows) == 2
     assert figures["late_skip_ratio_best"] == pytest.approx(min(all_rows) / min(skipping), rel=0.02)
+
+
+def test_a_missing_masks_file_is_one_clear_error_and_exit_2(tmp_path):
+    cmd = [sys.executable, "benchmarks/epoch_throughput.py", "--masks", str(tmp_path / "none.pt")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith(f"--masks: no such file {tmp_path / 'none.pt'} (a run's masks.pt, or none)")
+    )
