@@ -1307,7 +1307,10 @@ def run_experiment(
                         on_epoch(snapshot(), False)
                         raise Paused(f"round {rnd}, epoch {epoch}, step {step}/{steps}")
                 samples = min(steps * cfg.batch_size, n)
-                test_loss, test_acc = evaluate(net, test)
+                if evaluations and evaluations[-1][0] == first + steps:  # just evaluated: same weights
+                    test_loss, test_acc = evaluations[-1][1][2:]
+                else:
+                    test_loss, test_acc = evaluate(net, test)
                 stats = torch.stack([loss_sum / samples, test_loss, test_acc]).cpu().tolist()  # one sync per epoch
                 check_finite(names, trials, stats, rnd, epoch, cfg.lr)
                 postfix = last_accuracies(names, stats[2], masks[0])

@@ -77,6 +77,22 @@ def test_ticket_and_control_train_only_on_the_trials_training_images(mnist, monk
         assert used == set(index[t].tolist()) and not used & set(val[t].tolist())
 
 
+def test_an_epoch_that_ends_on_an_evaluation_reuses_it_instead_of_testing_twice(mnist, monkeypatch):
+    train, test = mnist
+    cfg = lot.parse_config(["--rounds", "0", "--epochs", "2", "--val-size", "300", "--eval-every", "10"])
+    calls = []
+    real = lot.evaluate
+    monkeypatch.setattr(lot, "evaluate", lambda net, data: calls.append(data is test) or real(net, data))
+    small = lot.Split(train.x[:1500], train.y[:1500])  # 1,200 training images: 20 steps an epoch
+    state = lot.run_experiment(cfg, small, test, torch.device("cpu"), lot.fresh_state(cfg), progress=False)
+    assert calls.count(True) == 4  # at iterations 10, 20, 30, 40; epochs end at 20 and 40
+    for curve in state.curves:
+        (point,) = [
+            e for e in state.evals if e["variant"] == curve["variant"] and e["iteration"] == 20 * curve["epoch"]
+        ]
+        assert (curve["test_acc"], curve["test_loss"]) == (point["test_acc"], point["test_loss"])
+
+
 def test_early_stop_iteration_is_the_argmin_of_the_recorded_validation_losses(tmp_path):
     out = tmp_path / "es"
     assert lot.main([*TINY, "--trials", "2", "--val-size", "200", "--eval-every", "5", "--out", str(out)]) == 0
