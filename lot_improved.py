@@ -782,20 +782,14 @@ class MaskedSGD:
         self.buf = torch.zeros_like(self.param)
         self.bufs = views_like(self.buf, [*net.weights, *net.biases])  # per parameter, for checkpoints
         self.mask: Optional[Tensor] = None
-        self.masks = masks
+        self.set_masks(masks)
         self.lr, self.momentum = lr, momentum
         self.steps = 0
 
-    @property
-    def masks(self) -> list[Tensor]:
-        return self._masks
-
-    @masks.setter
-    def masks(self, masks: Sequence[Tensor]) -> None:
+    def set_masks(self, masks: Sequence[Tensor]) -> None:
         """One float mask per weight tensor (none: all ones); flattened beside ones for the biases."""
-        self._masks = list(masks)
         weights = sum(w.numel() for w in self.net.weights)
-        parts = [m.reshape(-1).to(self.param) for m in self._masks] or [self.param.new_ones(weights)]
+        parts = [m.reshape(-1).to(self.param) for m in masks] or [self.param.new_ones(weights)]
         mask = torch.cat([*parts, self.param.new_ones(self.param.numel() - weights)])
         if self.mask is None:
             self.mask = mask
@@ -853,7 +847,7 @@ def make_optimizer(cfg: Config, net: LeNetStack) -> MaskedSGD:
 def use_masks(opt: MaskedSGD, masks: Sequence[Tensor]) -> None:
     """Train on these stacked boolean masks from now on: the optimiser masks the gradients, and
     on CPU the stack skips fc1's dead rows (verified bit-identical there; elsewhere untested)."""
-    opt.masks = [m.float() for m in masks]
+    opt.set_masks([m.float() for m in masks])
     if masks[0].device.type == "cpu":
         opt.net.skip_dead_rows(masks[0])
 

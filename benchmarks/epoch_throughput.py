@@ -115,7 +115,7 @@ def engine_setup(npz: Path, device: torch.device, seed: int, masks: Optional[lis
     net.load(lot.stack_members([lot.rewind(w, masks) for w in starts], device))
     opt = lot.MaskedSGD(net, [], lr=0.01, momentum=0.9)
     stacked = lot.stack_members([masks, masks], device)
-    opt.masks = [m.float() for m in stacked]
+    opt.set_masks([m.float() for m in stacked])
     if skip:
         net.skip_dead_rows(stacked[0])
     order = lot.epoch_order(len(train.y), [torch.Generator().manual_seed(seed)], device)

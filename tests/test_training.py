@@ -201,7 +201,7 @@ def test_cuda_graph_steps_train_exactly_like_eager_steps(monkeypatch):
         start_on_masks(net, masks)
         opt = lot.MaskedSGD(net, [m.float() for m in masks], lr=0.05, momentum=0.9)
         losses = [lot.train_epoch(net, opt, data, order, 60)[0]]
-        opt.masks = [(m & n.to(cuda)).float() for m, n in zip(masks, half_masks(2, seed=1))]  # same in both runs
+        opt.set_masks([(m & n.to(cuda)).float() for m, n in zip(masks, half_masks(2, seed=1))])  # same in both runs
         losses += [lot.train_epoch(net, opt, data, order, 60)[0] for _ in range(2)]
         assert bool(net.__dict__.get("_graphs")) == graphs and opt.steps == 33
         runs.append(([p.detach().cpu() for p in net.parameters()], [t.cpu() for t in losses]))
