@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import io
 import json
@@ -48,6 +49,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -106,6 +108,13 @@ class Config:
         metadata={
             "help": "comma list of controls beside each ticket: reinit (its mask, a fresh init) and/or random "
             "(a random mask with its per-layer counts, trained from W0)"
+        },
+    )
+    reinit_draws: int = field(
+        default=1,
+        metadata={
+            "help": "reinit controls per ticket, each a fresh draw (the paper draws several); the statistics "
+            "average a trial's draws"
         },
     )
     oneshot: bool = field(
@@ -173,6 +182,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 60,
         "iterations": 50_000,
         "init": "xavier-normal",
+        "val_size": 5000,  # held out of the training set for early stopping
+        "eval_every": 100,
     },
 }
 CHOICES = {"optimizer": ("sgd", "adam"), "scope": ("global", "layer"), "init": ("kaiming-uniform", "xavier-normal")}
@@ -200,7 +211,7 @@ class UsageError(Exception):
 def validate(cfg: Config) -> None:
     if not 0.0 < cfg.prune_rate < 1.0:
         raise UsageError(f"--prune-rate must be in (0, 1), got {cfg.prune_rate}")
-    for name in ("rounds", "epochs", "batch_size", "trials"):
+    for name in ("rounds", "epochs", "batch_size", "trials", "reinit_draws"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
     if cfg.train_subset is not None and cfg.train_subset <= 0:
@@ -229,6 +240,8 @@ def validate(cfg: Config) -> None:
     layer_rates(cfg)  # each of these raises on a malformed value
     controls(cfg)
     rewind_point(cfg)
+    if cfg.reinit_draws > 1 and "reinit" not in controls(cfg):
+        raise UsageError("--reinit-draws needs the reinit control (--controls reinit,...)")
     if cfg.layer_rates is not None and cfg.scope == "global":
         raise UsageError("--layer-rates needs --scope layer (global pruning ranks all layers with --prune-rate)")
 
@@ -284,13 +297,14 @@ def rewind_iteration(cfg: Config, n_train: int) -> int:
 
 
 def variants(cfg: Config) -> tuple[str, ...]:
-    """The members trained beside each other in every trial, in stacking order."""
-    names = {"reinit": "control", "random": "random"}
+    """The members trained beside each other in every trial, in stacking order; the reinit
+    control once per draw."""
     chosen = controls(cfg)
     late = rewind_point(cfg)[0] > 0
     return (
         "ticket",
-        *(names[c] for c in CONTROLS if c in chosen),
+        *(["control"] * cfg.reinit_draws if "reinit" in chosen else []),
+        *(["random"] if "random" in chosen else []),
         *(["oneshot"] if cfg.oneshot else []),
         *(["late_rewind"] if late else []),
     )
@@ -318,7 +332,7 @@ def resolve_device(spec: str, local_rank: Optional[int] = None) -> torch.device:
 def derive_seed(seed: int, trial: int, stream: str, *more: int) -> int:
     """Independent 63-bit seeds per (trial, stream, ...), so streams never disturb each other."""
     stream_id = {"init": 0, "control": 1, "data": 2, "random": 3, "split": 4, "transfer": 5}[stream]
-    return int(np.random.SeedSequence([seed, trial, stream_id, *more]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, trial, stream_id, *more]).generate_state(1, np.uint64)[0]) >> 1
 
 
 def make_generator(seed: int, trial: int, stream: str, *more: int) -> torch.Generator:
@@ -508,15 +522,9 @@ def default_init(generator: torch.Generator, scheme: str = "kaiming-uniform") ->
     return weights + biases
 
 
-def lenet_forward(
-    x: Tensor, w: Sequence[Tensor], b: Sequence[Tensor], rows: Optional[LiveRows] = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """x [M,B,784] -> hidden activations h1 [M,B,300], h2 [M,B,100] and log-probabilities [M,B,10].
-    rows: compute fc1 on its live rows only (same bits)."""
-    if rows is None:
-        h1 = torch.baddbmm(b[0].unsqueeze(1), x, w[0].transpose(1, 2)).relu_()
-    else:
-        h1 = rows.hidden(x, w[0], b[0])
+def lenet_forward(x: Tensor, w: Sequence[Tensor], b: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """x [M,B,784] -> hidden activations h1 [M,B,300], h2 [M,B,100] and log-probabilities [M,B,10]."""
+    h1 = torch.baddbmm(b[0].unsqueeze(1), x, w[0].transpose(1, 2)).relu_()
     h2 = torch.baddbmm(b[1].unsqueeze(1), h1, w[1].transpose(1, 2)).relu_()
     logp = torch.baddbmm(b[2].unsqueeze(1), h2, w[2].transpose(1, 2)).log_softmax(-1)
     return h1, h2, logp
@@ -536,51 +544,17 @@ def lenet_backward(
     logp: Tensor,
     dloss: Tensor | float,
     out: Optional[Sequence[Tensor]] = None,
-    rows: Optional[LiveRows] = None,
 ) -> list[Tensor]:
     """Gradients [dw1, dw2, dw3, db1, db2, db3] of sum(dloss * per-sample loss): six batched
-    matmuls. Consumes logp. out: optional buffers for the six gradients (saves allocations).
-    rows: dw1 on fc1's live rows only; out[0]'s other rows are left as they are."""
+    matmuls. Consumes logp. out: optional buffers for the six gradients (saves allocations)."""
     d3 = logp.exp_()  # dloss/dlogits = softmax - onehot
     d3.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(d3[..., :1], -1.0))
     d3.mul_(dloss.unsqueeze(-1) if isinstance(dloss, Tensor) else dloss)
     d2 = torch.ops.aten.threshold_backward(torch.bmm(d3, w[2]), h2, 0)  # ReLU': 1 where h > 0
     d1 = torch.ops.aten.threshold_backward(torch.bmm(d2, w[1]), h1, 0)
     out = out or [None] * 6
-    dw = [torch.bmm(d.transpose(1, 2), a, out=o) for d, a, o in zip((d2, d3), (h1, h2), out[1:3])]
-    dw1 = torch.bmm(d1.transpose(1, 2), x, out=out[0]) if rows is None else rows.weight_grad(d1, x, out[0])
-    return [dw1, *dw] + [torch.sum(d, 1, out=o) for d, o in zip((d1, d2, d3), out[3:])]
-
-
-class LiveRows:
-    """fc1's rows (hidden units) that still have a live incoming weight, per member; k of them,
-    a member with fewer padded with dead ones. Global pruning strips fc1 until, from about
-    round 12, whole rows die (180 of 300 at round 20), and fc1's two matmuls, most of a step,
-    can skip them: a dead row's pre-activation is its bias alone and its weight gradient is
-    masked away. Every computed element is the same dot product as in the full matmul, so on
-    CPU the step's every bit is unchanged (tested); only the work shrinks."""
-
-    def __init__(self, mask1: Tensor):
-        members, units, _ = mask1.shape
-        alive = mask1.any(2)  # [M, 300]
-        self.k = int(alive.sum(1).max())
-        order = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, : self.k]  # live rows first
-        self.index = order.unsqueeze(1)  # [M, 1, k]: units along the last dim of h1
-        self.flat = (order + units * torch.arange(members, device=order.device).unsqueeze(1)).reshape(-1)
-
-    def hidden(self, x: Tensor, w1: Tensor, b1: Tensor) -> Tensor:
-        """relu(x w1^T + b1) [M,B,300], with a dead row's output relu(b1) (its sum is of zeros)."""
-        (members, units, inputs), batch = w1.shape, x.shape[1]
-        w = w1.reshape(-1, inputs).index_select(0, self.flat).view(members, self.k, inputs)
-        live = torch.baddbmm(b1.gather(1, self.index[:, 0]).unsqueeze(1), x, w.transpose(1, 2)).relu_()
-        h1 = b1.relu().unsqueeze(1).expand(members, batch, units).clone()
-        return h1.scatter_(2, self.index.expand(members, batch, self.k), live)
-
-    def weight_grad(self, d1: Tensor, x: Tensor, out: Tensor) -> Tensor:
-        """dw1 = d1^T x on the live rows, written into out [M,300,784]."""
-        members, batch, _ = d1.shape
-        live = torch.bmm(d1.gather(2, self.index.expand(members, batch, self.k)).transpose(1, 2), x)
-        return out.view(-1, x.shape[2]).index_copy_(0, self.flat, live.view(-1, x.shape[2])).view_as(out)
+    dw = [torch.bmm(d.transpose(1, 2), a, out=o) for d, a, o in zip((d1, d2, d3), (x, h1, h2), out[:3])]
+    return dw + [torch.sum(d, 1, out=o) for d, o in zip((d1, d2, d3), out[3:])]
 
 
 class _StackedLeNetLoss(torch.autograd.Function):
@@ -617,14 +591,6 @@ class LeNetStack(nn.Module):
         self.weights = nn.ParameterList([nn.Parameter(torch.zeros(members, o, i, device=device)) for o, i in SHAPES])
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(members, o, device=device)) for o, _ in SHAPES])
         self._pack()
-        self.rows: Optional[LiveRows] = None
-
-    def skip_dead_rows(self, mask1: Tensor) -> None:
-        """From now on compute fc1 on the rows mask1 [M,300,784] keeps alive, when few enough
-        of them are left for that to pay (80% or fewer, measured on CPU); else on every row."""
-        rows = LiveRows(mask1)
-        self.rows = rows if rows.k <= 0.8 * mask1.shape[1] else None
-        self._grads[0].zero_()  # dead rows' gradients are no longer written
 
     def _pack(self) -> None:
         """(Re)build the flat parameter and gradient tensors, keeping the current values."""
@@ -669,9 +635,9 @@ class LeNetStack(nn.Module):
     def backprop(self, x: Tensor, y: Tensor) -> Tensor:
         w, b = self._w, self._b
         xm, ym = self.per_member(x), self.per_member(y)
-        h1, h2, logp = lenet_forward(xm, w, b, self.rows)
+        h1, h2, logp = lenet_forward(xm, w, b)
         losses = nll(logp, ym)
-        lenet_backward(xm, ym, w, h1, h2, logp, 1.0 / x.shape[1], self.grads(), self.rows)
+        lenet_backward(xm, ym, w, h1, h2, logp, 1.0 / x.shape[1], self.grads())
         return losses
 
     @torch.no_grad()
@@ -800,6 +766,13 @@ class MaskedSGD:
         return self.bufs
 
     @torch.no_grad()
+    def restore(self, state: Sequence[Tensor], steps: int) -> None:
+        """Continue from a checkpoint's optimiser buffers and step count."""
+        for buf, saved in zip(self.state(), state):
+            buf.copy_(saved)
+        self.steps = steps
+
+    @torch.no_grad()
     def reset(self) -> None:
         """A fresh optimiser for a new round."""
         for t in self.state():
@@ -814,8 +787,10 @@ class MaskedSGD:
 
 
 class MaskedAdam(MaskedSGD):
-    """torch.optim.Adam's update (betas 0.9, 0.999, eps 1e-8; its foreach kernels, in its order)
-    on masked gradients: a pruned weight's moments stay 0, so its update 0 / (0 + eps) is 0."""
+    """torch.optim.Adam's update (betas 0.9, 0.999, eps 1e-8) on masked gradients, in the order
+    of its capturable foreach kernels: the step count and both bias corrections live on the
+    device, so a CUDA graph replays the step with the count it has reached, not the one it was
+    captured at. A pruned weight's moments stay 0, so its update 0 / (0 + eps) is 0."""
 
     betas, eps = (0.9, 0.999), 1e-8
 
@@ -823,19 +798,32 @@ class MaskedAdam(MaskedSGD):
         super().__init__(net, masks, lr, momentum=0.0)
         self.square = torch.zeros_like(self.param)
         self.squares = views_like(self.square, self.bufs)  # second moments; bufs are the first
+        self.count = torch.zeros((), device=self.param.device)  # steps taken, as a device scalar
 
     def state(self) -> list[Tensor]:
         return self.bufs + self.squares
 
+    def restore(self, state: Sequence[Tensor], steps: int) -> None:
+        super().restore(state, steps)
+        self.count.fill_(steps)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        super().reset()
+        self.count.zero_()
+
     @torch.no_grad()
     def step(self) -> None:
+        (beta1, beta2), lr = self.betas, self.lr
         grad = self.grad.mul_(self.mask)
-        self.steps += 1
-        (beta1, beta2), t = self.betas, self.steps
+        self.count.add_(1)
         self.buf.lerp_(grad, 1 - beta1)
         self.square.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = self.square.sqrt().div_(math.sqrt(1 - beta2**t)).add_(self.eps)
-        self.param.addcdiv_(self.buf, denom, value=-self.lr / (1 - beta1**t))
+        step_size = torch.pow(beta1, self.count).sub_(1).div_(lr).reciprocal_()  # -lr / (1 - beta1^t)
+        correction2 = torch.pow(beta2, self.count).sub_(1).neg_().sqrt_()  # sqrt(1 - beta2^t)
+        denom = self.square.sqrt().div_(correction2).add_(self.eps).div_(step_size)
+        self.param.addcdiv_(self.buf, denom)
+        self.steps += 1
 
 
 def make_optimizer(cfg: Config, net: LeNetStack) -> MaskedSGD:
@@ -845,11 +833,8 @@ def make_optimizer(cfg: Config, net: LeNetStack) -> MaskedSGD:
 
 
 def use_masks(opt: MaskedSGD, masks: Sequence[Tensor]) -> None:
-    """Train on these stacked boolean masks from now on: the optimiser masks the gradients, and
-    on CPU the stack skips fc1's dead rows (verified bit-identical there; elsewhere untested)."""
+    """Train on these stacked boolean masks from now on: the optimiser masks the gradients."""
     opt.set_masks([m.float() for m in masks])
-    if masks[0].device.type == "cpu":
-        opt.net.skip_dead_rows(masks[0])
 
 
 def train_step(net: nn.Module, opt: MaskedSGD, train: Split, idx: Tensor) -> Tensor:
@@ -873,7 +858,7 @@ CUDA_GRAPHS = os.environ.get("LOT_CUDA_GRAPHS", "1") != "0"  # LOT_CUDA_GRAPHS=0
 
 
 class StepGraph:
-    """A full-batch SGD step of a stack, and the running loss sum, captured as one CUDA graph. A
+    """A full-batch optimiser step of a stack, and the running loss sum, captured as one CUDA graph. A
     GPU step of these small layers costs its kernel launches, not its arithmetic; a replay
     launches them all at once. The replay runs the same kernels on the same buffers, so the
     numbers keep their bits (the parameters, optimiser and masks are updated in place)."""
@@ -881,7 +866,8 @@ class StepGraph:
     def __init__(self, stack: LeNetStack, opt: MaskedSGD, train: Split, shape: tuple[int, int]):
         self.idx = torch.zeros(shape, dtype=torch.long, device=train.x.device)
         self.total = torch.zeros(stack.members, device=train.x.device)
-        saved, steps = [opt.param.clone(), opt.buf.clone()], opt.steps
+        saved, steps = [t.clone() for t in opt.state()], opt.steps
+        params = opt.param.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up steps, as capture requires; undone below
@@ -891,9 +877,8 @@ class StepGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.total += train_step(stack, opt, train, self.idx).sum(1)
-        opt.param.copy_(saved[0])
-        opt.buf.copy_(saved[1])
-        opt.steps = steps
+        opt.param.copy_(params)
+        opt.restore(saved, steps)
 
     def step(self, opt: MaskedSGD, idx: Tensor) -> None:
         self.idx.copy_(idx)
@@ -903,10 +888,9 @@ class StepGraph:
 
 def step_graph(net: nn.Module, opt: MaskedSGD, train: Split, shape: tuple[int, int]) -> Optional[StepGraph]:
     """The stack's graph for this optimiser, data and batch shape (captured once), where one
-    applies: CUDA, the stacked fast path, and plain SGD (Adam's step-dependent scalars would be
-    frozen into a graph)."""
+    applies: CUDA and the stacked fast path (not nn.DataParallel)."""
     stack = unwrap(net)
-    if not (CUDA_GRAPHS and train.x.is_cuda and net is stack and type(opt) is MaskedSGD):
+    if not (CUDA_GRAPHS and train.x.is_cuda and net is stack):
         return None
     key = (id(opt), id(train), shape)
     if key not in stack._graphs:
@@ -1110,6 +1094,15 @@ def last_accuracies(names: Sequence[str], test_acc: Sequence[float], masks: Sequ
     return {"weights": f"{100 * masked_fraction(masks):.2f}%", **accs}
 
 
+def member_ids(names: Sequence[str], trials: Sequence[int], m: int, rnd: int) -> dict:
+    """Who member m is in round rnd: trial id, round, variant and, where a variant has several
+    members (reinit draws), which draw."""
+    per = len(names)
+    variant = names[m % per]
+    draw = {"draw": names[: m % per].count(variant)} if len(set(names)) < per else {}
+    return {"trial": trials[m // per], "round": rnd, "variant": variant, **draw}
+
+
 def member_records(
     names: Sequence[str],
     trials: Sequence[int],
@@ -1119,12 +1112,9 @@ def member_records(
 ) -> list[dict]:
     """One tidy row per member: who it is (trial id, round, variant), extra(member), then its
     losses and test accuracy."""
-    per = len(names)
     return [
         {
-            "trial": trials[m // per],
-            "round": rnd,
-            "variant": names[m % per],
+            **member_ids(names, trials, m, rnd),
             **extra(m),
             "train_loss": round(stats[0][m], 6),
             "test_loss": round(stats[1][m], 6),
@@ -1172,12 +1162,12 @@ def begin_round(cfg: Config, state: RunState, stack: LeNetStack, control_gens: S
     stack.load(stack_members(starts, stack._w[0].device))
 
 
-def early_stops(evals: Sequence[dict], rnd: int) -> dict[tuple[int, str], dict]:
-    """Per (trial, variant) of round rnd: the evaluation with the lowest validation loss (the
+def early_stops(evals: Sequence[dict], rnd: int) -> dict[tuple[int, str, int], dict]:
+    """Per (trial, variant, draw) of round rnd: the evaluation with the lowest validation loss (the
     first, on ties), as the paper's early-stopping point."""
-    best: dict[tuple[int, str], dict] = {}
+    best: dict[tuple[int, str, int], dict] = {}
     for e in evals:
-        key = (e["trial"], e["variant"])
+        key = (e["trial"], e["variant"], e.get("draw", 0))
         if e["round"] == rnd and (key not in best or e["val_loss"] < best[key]["val_loss"]):
             best[key] = e
     return {
@@ -1196,12 +1186,13 @@ def run_experiment(
     test: Split,
     device: torch.device,
     state: RunState,
-    on_epoch: Callable[[RunState, bool], None] = lambda state, round_done: None,
+    on_epoch: Callable[[Callable[[], RunState], str], None] = lambda snapshot, event: None,
     stop: Callable[[], bool] = lambda: False,
     progress: bool = True,
 ) -> RunState:
     """Iterative magnitude pruning from state's position to the last round. After every epoch
-    on_epoch(state, round_done) gets the state with the members' weights copied in (to save)."""
+    After every epoch on_epoch(snapshot, event) is told why ("epoch", "round" when a round has
+    finished, "pause"); snapshot() gives the state with the members' weights copied in, to save."""
     names, trials = variants(cfg), trial_ids(state)
     per = len(names)
     index, val_index = validation_split(cfg.seed, trials, len(train.y), cfg.val_size)
@@ -1217,9 +1208,7 @@ def run_experiment(
     opt = make_optimizer(cfg, stack)
     if state.params:
         stack.load(state.params)
-        for buf, saved in zip(opt.state(), state.opt_state):
-            buf.copy_(saved)
-        opt.steps = state.opt_steps
+        opt.restore(state.opt_state, state.opt_steps)
     control_gens, data_gens = generators(state.control_rng), generators(state.data_rng)
     per_epoch, total = steps_per_epoch(cfg, n), round_steps(cfg, n)
     epochs = math.ceil(total / per_epoch)
@@ -1239,9 +1228,7 @@ def run_experiment(
             v = values.cpu().tolist()
             records += [
                 {
-                    "trial": trials[m // per],
-                    "round": rnd,
-                    "variant": names[m % per],
+                    **member_ids(names, trials, m, rnd),
                     "iteration": iteration,
                     "val_loss": round(v[0][m], 6),
                     "val_acc": round(v[1][m], 2),
@@ -1298,7 +1285,7 @@ def run_experiment(
                     if step < until:  # paused: save the position inside this epoch, rewinding the data order
                         state.step, state.loss_sum = step, loss_sum.cpu()
                         state.evals += eval_records(names, rnd, evaluations)
-                        on_epoch(snapshot(), False)
+                        on_epoch(snapshot, "pause")
                         raise Paused(f"round {rnd}, epoch {epoch}, step {step}/{steps}")
                 samples = min(steps * cfg.batch_size, n)
                 if evaluations and evaluations[-1][0] == first + steps:  # just evaluated: same weights
@@ -1315,12 +1302,13 @@ def run_experiment(
                 state.step, state.loss_sum = 0, None
                 if epoch < epochs:
                     state.epoch = epoch + 1
-                    on_epoch(snapshot(), False)
+                    on_epoch(snapshot, "epoch")
             rows = member_records(names, trials, stats, rnd, lambda m: layer_percentages(masks[m]))
             stops = early_stops(state.evals, rnd)
-            state.rows += [{**row, **stops.get((row["trial"], row["variant"]), {})} for row in rows]
+            key = lambda row: (row["trial"], row["variant"], row.get("draw", 0))
+            state.rows += [{**row, **stops.get(key(row), {})} for row in rows]
             state.round, state.epoch = rnd + 1, 1
-            on_epoch(snapshot(), True)
+            on_epoch(snapshot, "round")
             bar.update()
     return state
 
@@ -1406,13 +1394,12 @@ def shard(trials: int, ranks: Ranks) -> list[int]:
 
 
 def outputs_view(state: RunState) -> RunState:
-    """What the outputs need of a state (not its weights): small enough to send to rank 0."""
+    """What the outputs need of a state (W0 and the masks, not the trained weights): small
+    enough to send to rank 0."""
     return dataclasses.replace(
         state,
-        w0=[],
         control_rng=[],
         data_rng=[],
-        rewind_point=[],
         params=[],
         opt_state=[],
         loss_sum=None,
@@ -1450,6 +1437,8 @@ def gather_states(state: RunState, ranks: Ranks) -> Optional[RunState]:
         parts[0],
         round=min(p.round for p in parts),
         pruned_at={v: cat([p.pruned_at[v] for p in parts]) for v in parts[0].pruned_at},
+        w0=cat([p.w0 for p in parts]),
+        rewind_point=cat([p.rewind_point for p in parts]),
         dense=cat([p.dense for p in parts]),
         trials=[t for p in parts for t in p.trials],
         rows=ordered("rows", "round", "trial"),  # stable: variants stay in their order
@@ -1492,6 +1481,7 @@ def write_tables(cfg: Config, state: RunState, out: Path) -> None:
     atomic_write(out / "results.csv", lambda tmp: pd.DataFrame(state.rows).to_csv(tmp, index=False))
     atomic_write(out / "curves.csv", lambda tmp: pd.DataFrame(state.curves).to_csv(tmp, index=False))
     save_torch(out / "masks.pt", masks_payload(cfg, state))
+    save_torch(out / "tickets.pt", tickets_payload(state))
     if state.evals:
         atomic_write(out / "validation.csv", lambda tmp: pd.DataFrame(state.evals).to_csv(tmp, index=False))
 
@@ -1519,6 +1509,48 @@ def masks_payload(cfg: Config, state: RunState) -> dict[str, Tensor]:
         for i, name in enumerate(LAYERS):
             payload[f"{variant}.{name}"] = torch.stack([torch.stack([m[i] for m in rounds]) for rounds in per_round])
     return payload
+
+
+PARAMS = tuple(f"{layer}.{kind}" for kind in ("weight", "bias") for layer in LAYERS)  # nn.Linear's names
+
+
+def tickets_payload(state: RunState) -> dict[str, Tensor]:
+    """Each trial's W0 in nn.Linear layout, [trials, out, in] and [trials, out] ("fc1.weight",
+    "fc1.bias", ...), and, for the late-rewound ticket, its rewind point ("late_rewind.fc1.weight",
+    ...). With masks.pt this defines every ticket: weights = W0 * mask."""
+    payload = dict(zip(PARAMS, state.w0))
+    payload.update({f"late_rewind.{name}": p for name, p in zip(PARAMS, state.rewind_point)})
+    return payload
+
+
+def load_ticket(out: str | Path, round: int, trial: int = 0, variant: str = "ticket") -> nn.Sequential:
+    """A ticket of a run in out/ as a plain PyTorch model, Linear-ReLU-Linear-ReLU-Linear, with the
+    run's starting weights (W0; for late_rewind its rewind point) and the round's masks. Each
+    Linear carries its mask through torch.nn.utils.prune (weight = weight_orig * weight_mask), so
+    the ticket stays sparse under any optimiser; prune.remove(layer, "weight") makes it permanent.
+    Inputs are flattened images normalised as the run's (lot_improved.normalise). variant:
+    ticket, random, oneshot or late_rewind, where the run trained it; round: any finished round."""
+    from torch.nn.utils import prune
+
+    out = Path(out)
+    masks = torch.load(out / "masks.pt", weights_only=True)
+    start = torch.load(out / "tickets.pt", weights_only=True)
+    key = "" if variant == "ticket" else f"{variant}."
+    if variant == "control" or f"{key}fc1" not in masks:
+        trained = sorted({"ticket", *(k.split(".")[0] for k in masks if k.count(".") == 1)})
+        raise ValueError(f"no masks of variant {variant!r} in {out}/masks.pt (it has {', '.join(trained)})")
+    if not (0 <= round < masks["fc1"].shape[1] and 0 <= trial < masks["fc1"].shape[0]):
+        raise ValueError(f"{out}/masks.pt holds rounds 0..{masks['fc1'].shape[1] - 1}, trials 0..{masks['fc1'].shape[0] - 1}")
+    weights = "late_rewind." if variant == "late_rewind" else ""
+    layers = []
+    for layer in LAYERS:
+        linear = nn.Linear(*start[f"{layer}.weight"].shape[:0:-1])
+        mask = masks[f"{key}{layer}"][trial, round]
+        with torch.no_grad():
+            linear.weight.copy_(start[f"{weights}{layer}.weight"][trial] * mask)
+            linear.bias.copy_(start[f"{weights}{layer}.bias"][trial])
+        layers.append(prune.custom_from_mask(linear, "weight", mask))
+    return nn.Sequential(layers[0], nn.ReLU(), layers[1], nn.ReLU(), layers[2])
 
 
 # Two-sided 95% Student-t critical values for 1..30 degrees of freedom; beyond, a Cornish-Fisher
@@ -1615,6 +1647,8 @@ def summary_markdown(rows: pd.DataFrame) -> str:
         )
     else:
         note += "."
+    if "draw" in rows and rows["draw"].max() > 0:
+        note += f" Control: the mean of {int(rows['draw'].max()) + 1} reinit draws within each trial."
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
@@ -1694,6 +1728,77 @@ def plot_vs_weights(
     atomic_write(path, lambda tmp: fig.savefig(tmp))
 
 
+def per_trial(rows: pd.DataFrame, keys: Sequence[str], values: Sequence[str]) -> pd.DataFrame:
+    """One value per trial: a trial's reinit draws averaged, as the statistics treat them."""
+    return rows.groupby(list(keys), as_index=False)[list(values)].mean()
+
+
+def plot_early_stopping(rows: pd.DataFrame, path: Path) -> None:
+    """The paper's Figure 4: the iteration of minimum validation loss, and the test accuracy
+    there, against weights remaining; mean over trials with min-max bars, as the paper draws."""
+    from matplotlib.figure import Figure
+
+    stops = per_trial(rows, ["variant", "trial", "round"], ["weights_pct", "early_stop_iter", "early_stop_test_acc"])
+    fig = Figure(figsize=(11, 4.2), dpi=150)
+    axes = fig.subplots(1, 2)
+    panels = (("early_stop_iter", "early-stop iteration (min. validation loss)"), ("early_stop_test_acc", "test accuracy at early stop (%)"))
+    for ax, (column, label) in zip(axes, panels):
+        for variant in [v for v in LABELS if v in set(stops.variant)]:
+            g = stops[stops.variant == variant].groupby("round")
+            pct, mean, low, high = g.weights_pct.mean(), g[column].mean(), g[column].min(), g[column].max()
+            ax.errorbar(pct, mean, yerr=[mean - low, high - mean], marker="o", ms=3, capsize=2, color=COLORS[variant], label=LABELS[variant])
+        ax.set_xscale("log")
+        ax.set_xlim(100 * 1.15, stops.weights_pct.min() / 1.15)
+        percent_log_axis(ax.xaxis, stops.weights_pct.min())
+        ax.set_xlabel("weights remaining (%)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    trials = rows.trial.nunique()
+    fig.suptitle(f"Early stopping (paper's Figure 4): mean over {trials} trial(s), bars min to max", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp))
+
+
+PAPER_LEVELS = (100.0, 51.3, 21.1, 7.0, 3.6, 1.9)  # weights remaining (%) in the paper's Figure 3
+
+
+def nearest_rounds(rows: pd.DataFrame, levels: Sequence[float] = PAPER_LEVELS) -> list[int]:
+    """The finished rounds whose weights remaining are nearest the given levels (log distance)."""
+    pct = rows[rows.variant == "ticket"].groupby("round").weights_pct.mean()
+    chosen = [int((np.log(pct) - math.log(level)).abs().idxmin()) for level in levels]
+    return sorted(set(chosen))
+
+
+def plot_over_iterations(evals: pd.DataFrame, rows: pd.DataFrame, path: Path) -> None:
+    """The paper's Figure 3: test accuracy as training proceeds, at the paper's levels of
+    weights remaining (or the nearest rounds), for the ticket and the reinit control; mean over
+    trials (a trial's reinit draws averaged first)."""
+    from matplotlib.figure import Figure
+
+    rounds = nearest_rounds(rows)
+    pct = rows[rows.variant == "ticket"].groupby("round").weights_pct.mean()
+    curves = per_trial(evals[evals["round"].isin(rounds)], ["variant", "round", "trial", "iteration"], ["test_acc"])
+    shown = [v for v in ("ticket", "control") if v in set(curves.variant)]
+    fig = Figure(figsize=(5.5 * len(shown), 4.2), dpi=150)
+    axes = fig.subplots(1, len(shown), sharey=True, squeeze=False)[0]
+    colors = dict(zip(rounds, ("black", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")))
+    for ax, variant in zip(axes, shown):
+        for rnd in rounds:
+            mean = curves[(curves.variant == variant) & (curves["round"] == rnd)].groupby("iteration").test_acc.mean()
+            ax.plot(mean.index, mean.values, lw=1, color=colors.get(rnd), label=f"{pct[rnd]:.1f}% (round {rnd})")
+        ax.set_title(LABELS[variant], fontsize=10)
+        ax.set_xlabel("training iteration")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, title="weights remaining", title_fontsize=7)
+    axes[0].set_ylabel("test accuracy (%)")
+    low = curves.test_acc.quantile(0.02) if len(curves) else 90
+    axes[0].set_ylim(max(low - 1, 0), min(curves.test_acc.max() + 0.5, 100) if len(curves) else 100)
+    fig.suptitle(f"Test accuracy during training (paper's Figure 3), mean over {rows.trial.nunique()} trial(s)", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp))
+
+
 def plot_layers(rows: pd.DataFrame, path: Path) -> None:
     import seaborn as sns
     from matplotlib.ticker import MaxNLocator
@@ -1718,6 +1823,35 @@ def plot_layers(rows: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp))
 
 
+PIXEL_ROUNDS = (0, 5, 10, 15, 20)
+
+
+def plot_pixels(masks: dict[str, Tensor], path: Path) -> None:
+    """What fc1 keeps, per input pixel, as 28x28 maps at a few rounds (trial 0), for the ticket and
+    the random-mask control: the pixel's surviving connections over fc1's average per pixel, so
+    1 is an average pixel at any sparsity, 0 a pixel cut off, and a random mask is near 1 everywhere."""
+    shown = [(LABELS["ticket"], masks["fc1"])]
+    if "random.fc1" in masks:
+        shown.append((LABELS["random"], masks["random.fc1"]))
+    done = masks["fc1"].shape[1]
+    rounds = sorted({r for r in PIXEL_ROUNDS if r < done} | {done - 1})
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1.9 * len(rounds) + 0.8, 2.1 * len(shown) + 0.4), dpi=150)
+    axes = fig.subplots(len(shown), len(rounds), squeeze=False)
+    for (label, fc1), row in zip(shown, axes):
+        for r, ax in zip(rounds, row):
+            kept = fc1[0, r].float()  # [300, 784]
+            relative = kept.mean(0) / kept.mean()
+            image = ax.imshow(relative.view(28, 28).numpy(), vmin=0, vmax=3, cmap="magma")
+            ax.set_title(f"{label}, round {r}\n{100 * kept.mean():.1f}% of fc1", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.colorbar(image, ax=axes, shrink=0.8, label="connections kept / fc1's mean")
+    fig.suptitle("Which input pixels fc1 keeps (trial 0)", fontsize=10)
+    atomic_write(path, lambda tmp: fig.savefig(tmp))
+
+
 def in_notebook() -> bool:
     shell = sys.modules.get("IPython")
     return bool(shell and getattr(shell, "get_ipython", lambda: None)())
@@ -1731,12 +1865,21 @@ def show_inline(paths: Sequence[Path]) -> None:
             display(Image(filename=str(p)))
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux), else what platform knows: speed figures name their machine."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, Any]:
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
@@ -1760,27 +1903,32 @@ def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
             )
     if "early_stop_iter" in rows:
         figures.append(out / "early_stop.png")
-        plot_vs_weights(
-            rows,
-            figures[-1],
-            "early_stop_iter",
-            LABELS,
-            "early-stopping iteration (min. validation loss)",
-            "Winning tickets learn faster: early-stop iteration",
-        )
+        plot_early_stopping(rows, figures[-1])
+    if (out / "validation.csv").exists():
+        figures.append(out / "test_acc_over_iterations.png")
+        plot_over_iterations(pd.read_csv(out / "validation.csv"), rows, figures[-1])
     figures.append(out / "layers.png")
     plot_layers(rows, figures[-1])
+    if (out / "masks.pt").exists():
+        figures.append(out / "pixels.png")
+        plot_pixels(torch.load(out / "masks.pt", weights_only=True), figures[-1])
     return summary, figures
 
 
 CHECKPOINT = "checkpoint.pt"
+# Within a round, an epoch's end is checkpointed once this many seconds have passed since the last
+# checkpoint; a finished round and a pause always are.
+CHECKPOINT_EVERY_S = float(os.environ.get("LOT_CHECKPOINT_EVERY_S", 60))
 OUTPUT_FILES = (
     "results.csv",
     "curves.csv",
     "validation.csv",
     "masks.pt",
+    "tickets.pt",
     *(f[0] for f in FIGURES),
+    "pixels.png",
     "early_stop.png",
+    "test_acc_over_iterations.png",
     "layers.png",
     "summary.md",
     "config.json",
@@ -1941,13 +2089,23 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
+def command_line() -> list[str]:
+    """The user's flags: sys.argv, except in a notebook, where sys.argv holds the kernel's own
+    arguments (-f kernel.json, --f=...) and settings come only from main([...])."""
+    return [] if in_notebook() else sys.argv[1:]
+
+
 def resume_command(cfg: Config) -> str:
-    flags = []
+    """How to continue this run, as the user would type it here: a shell command, or in a
+    notebook the main([...]) call. Only the settings that differ from the preset's are named."""
+    flags, preset = [], Config(**PRESETS[cfg.preset])
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
-        if f.name not in ("resume", "overwrite") and value != f.default:
+        if f.name not in ("resume", "overwrite") and (value != getattr(preset, f.name) or f.name == "preset" and value != f.default):
             flag = "--" + f.name.replace("_", "-")
             flags += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+    if in_notebook():
+        return "main([" + ", ".join(json.dumps(f) for f in [*flags, "--resume"]) + "])"
     return " ".join(["python lot_improved.py", *map(shlex.quote, flags), "--resume"])
 
 
@@ -1965,25 +2123,44 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """One flag per Config field. Defaults are left out of the namespace (SUPPRESS), so that
     parse_config can tell an explicit flag, which beats the preset, from a default."""
-    parser = _Parser(prog="lot_improved.py", description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    parser = _Parser(
+        prog="lot_improved.py",
+        description=__doc__.split("\n\n")[0],
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,  # an abbreviation could also swallow a notebook kernel's own argument
+    )
+    types = typing.get_type_hints(Config, globals())  # this namespace, also when pasted into a cell
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = "off" if f.default is False else "all" if f.name == "train_subset" else f.default
         default = "none" if default is None else default
         text = f"{f.metadata['help']} (default: {default})"
-        if f.type in (bool, "bool"):
+        kind = next((t for t in typing.get_args(types[f.name]) if t is not type(None)), types[f.name])  # Optional[X]: X
+        if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
-            kind = {"float": float, "int": int, "str": str, "Optional[int]": int, "Optional[str]": str}[str(f.type)]
             parser.add_argument(flag, type=kind, metavar=f.name.upper(), help=text)
     return parser
 
 
-def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
-    """The run's settings: Config's defaults, then the --preset's values, then explicit flags."""
-    args, unknown = build_parser().parse_known_args(argv)
-    if unknown:  # e.g. the `-f kernel.json` a notebook kernel passes
-        warn(f"ignoring unrecognised arguments: {' '.join(unknown)}")
+def closest_flag(arg: str, parser: argparse.ArgumentParser) -> str:
+    """The real flag a mistyped one most likely meant: '--trails' -> '--trials',
+    '--prune_rate' -> '--prune-rate', '--ep' -> '--epochs'; '' if none is close."""
+    flags = [f for action in parser._actions for f in action.option_strings if f.startswith("--")]
+    typed = arg.split("=", 1)[0].replace("_", "-")
+    prefixed = [f for f in flags if f.startswith(typed) and not f.startswith("--no-")]
+    match = prefixed if len(prefixed) == 1 else difflib.get_close_matches(typed, flags, n=1, cutoff=0.6)
+    return match[0] if match else ""
+
+
+def parse_config(argv: Sequence[str]) -> Config:
+    """The run's settings: Config's defaults, then the --preset's values, then explicit flags.
+    Any argument that is not a flag of this script, spelt out in full, is bad input."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(list(argv))
+    if unknown:
+        near = closest_flag(unknown[0], parser)
+        raise UsageError(f"unrecognised argument {unknown[0]!r}" + (f"; did you mean {near}?" if near else ""))
     explicit = vars(args)
     preset = explicit.get("preset", Config.preset)
     if preset not in PRESETS:
@@ -2025,7 +2202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started, ranks = time.perf_counter(), ranks_from_env()
     who = f"lot_improved: rank {ranks.rank}" if ranks.world > 1 else "lot_improved"
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        cfg = parse_config(command_line() if argv is None else argv)
         validate(cfg)
         if ranks.world > 1 and cfg.data_parallel:
             raise UsageError("--data-parallel and torchrun do not mix: torchrun already gives each GPU a process")
@@ -2132,11 +2309,17 @@ def run_main(
         if ranks.main:
             write_tables(cfg, merged[0], out)
 
-    def save(state: RunState, round_done: bool) -> None:
-        if round_done:  # first: a round is checkpointed as done once every rank has finished it
+    last_save = [time.perf_counter()]
+
+    def save(snapshot: Callable[[], RunState], event: str) -> None:
+        if event == "epoch" and time.perf_counter() - last_save[0] < CHECKPOINT_EVERY_S:
+            return  # a long round's epochs are seconds apart on a GPU; its checkpoint is megabytes
+        state = snapshot()
+        if event == "round":  # first: a round is checkpointed as done once every rank has finished it
             tables(state)
         state.elapsed_s = elapsed()
         save_checkpoint(out, cfg, device, data_sha, state, ckpt)
+        last_save[0] = time.perf_counter()
 
     try:
         config("running")

@@ -5,12 +5,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPT, lot
+from conftest import ROOT, SCRIPT, lot, synthetic_arrays
 
 TINY = ["--train-subset", "600", "--rounds", "2", "--epochs", "2"]
 
@@ -36,14 +38,16 @@ def test_tiny_run_writes_every_output_and_nothing_half_written(tiny_run):
         "results.csv",
         "curves.csv",
         "masks.pt",
+        "tickets.pt",
         "graph_improved.png",
         "layers.png",
+        "pixels.png",
         "summary.md",
         "config.json",
         "checkpoint.pt",
     }
     assert {p.name for p in out.iterdir()} == expected  # no temp files left behind
-    for png in ("graph_improved.png", "layers.png"):
+    for png in ("graph_improved.png", "layers.png", "pixels.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -181,20 +185,28 @@ def test_bad_input_from_the_shell_prints_no_traceback(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--epochs" in proc.stderr
 
 
-def test_notebook_kernel_arguments_are_ignored_with_one_warning(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/share/jupyter/kernel-1.json"])
-    assert lot.parse_config() == lot.Config()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
-        "lot_improved: warning: ignoring unrecognised arguments: -f /root/.local/share/jupyter/kernel-1.json"
-    ]
+@pytest.mark.parametrize(
+    "typed,meant",
+    [
+        (["--trails", "3"], "--trials"),
+        (["--ep", "1"], "--epochs"),
+        (["--prune_rate", "0.3"], "--prune-rate"),
+        (["-f", "kernel.json"], ""),
+    ],
+)
+def test_a_misspelt_abbreviated_or_unknown_flag_is_refused_naming_the_closest_real_one(typed, meant, tmp_path):
+    # Outside a notebook every argument is the user's: none is ignored, none is guessed at.
+    proc = run_cli(*typed, "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and not (tmp_path / "o").exists()
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert f"unrecognised argument '{typed[0]}'" in proc.stderr
+    assert (f"did you mean {meant}?" in proc.stderr) == bool(meant), proc.stderr
 
 
-def test_pasted_into_a_notebook_cell_it_runs_shows_plots_and_never_raises_system_exit(tmp_path, monkeypatch):
-    # A notebook cell: no __file__, __name__ == "__main__", a live IPython, kernel args in sys.argv.
+def fake_notebook(monkeypatch, shown: list) -> None:
+    """A live IPython as a notebook kernel has one, recording what it is asked to display."""
     import types
 
-    shown = []
     ipython = types.ModuleType("IPython")
     ipython.get_ipython = lambda: object()
     display = types.ModuleType("IPython.display")
@@ -202,30 +214,31 @@ def test_pasted_into_a_notebook_cell_it_runs_shows_plots_and_never_raises_system
     display.display = shown.append
     monkeypatch.setitem(sys.modules, "IPython", ipython)
     monkeypatch.setitem(sys.modules, "IPython.display", display)
-    out = tmp_path / "nb"
-    monkeypatch.setattr(
-        sys,
-        "argv",
-        [
-            "ipykernel_launcher.py",
-            "-f",
-            "k.json",
-            *TINY,
-            "--rounds",
-            "1",
-            "--data-dir",
-            str(ROOT / "data"),
-            "--out",
-            str(out),
-        ],
-    )
-    exec(compile(SCRIPT.read_text(), "<cell>", "exec"), {"__name__": "__main__"})
-    assert (out / "results.csv").exists()
-    assert shown == [str(out / "graph_improved.png"), str(out / "layers.png")]
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "k.json", "--rounds", "0"])
-    exec(compile(SCRIPT.read_text(), "<cell>", "exec"), {"__name__": "__main__"})  # exit 2, but no SystemExit
 
 
+def test_in_a_notebook_the_kernels_arguments_are_ignored_and_resuming_is_shown_as_a_main_call(monkeypatch):
+    fake_notebook(monkeypatch, [])
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/share/jupyter/kernel-1.json"])
+    assert lot.command_line() == []
+    cfg = lot.parse_config(["--trials", "3", "--epochs", "10"])
+    assert lot.resume_command(cfg) == 'main(["--epochs", "10", "--trials", "3", "--resume"])'
+
+
+def test_pasted_into_a_notebook_cell_it_runs_shows_plots_and_never_raises_system_exit(tmp_path, monkeypatch):
+    # A notebook cell: no __file__, __name__ == "__main__", a live IPython, kernel args in sys.argv.
+    # The default run, on a tiny synthetic data/mnist.npz in the notebook's folder (2 steps an epoch).
+    shown = []
+    fake_notebook(monkeypatch, shown)
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "mnist.npz", **synthetic_arrays())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "k.json"])
+    cell = {"__name__": "__main__"}
+    exec(compile(SCRIPT.read_text(), "<cell>", "exec"), cell)
+    assert len(pd.read_csv(tmp_path / "results" / "results.csv")) == 21 * 2
+    assert shown == [str(Path("results") / f) for f in ("graph_improved.png", "layers.png", "pixels.png")]
+    assert cell["main"](["--rounds", "0"]) == 2  # bad input: a return code, no SystemExit
 def test_run_from_another_folder_finds_the_bundled_data(tmp_path):
     proc = run_cli(*TINY, "--rounds", "1", "--epochs", "1", "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

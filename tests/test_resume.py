@@ -103,6 +103,20 @@ def test_signal_finishes_the_step_checkpoints_says_how_to_resume_and_exits(tmp_p
 TINY = ["--train-subset", "600", "--epochs", "2"]
 
 
+@pytest.mark.parametrize("every_s,saved", [(0.0, [(0, 2), (1, 1), (1, 2), (2, 1)]), (1e9, [(1, 1), (2, 1)])])
+def test_a_finished_round_is_always_checkpointed_an_epoch_once_the_interval_has_passed(
+    tmp_path, monkeypatch, every_s, saved
+):
+    # A GPU finishes an epoch of the paper's rounds every second; its checkpoint is tens of MB.
+    positions, real = [], lot.save_checkpoint
+    monkeypatch.setattr(lot, "CHECKPOINT_EVERY_S", every_s)
+    monkeypatch.setattr(
+        lot, "save_checkpoint", lambda *a, **k: positions.append((a[4].round, a[4].epoch)) or real(*a, **k)
+    )
+    assert lot.main([*TINY, "--rounds", "1", "--out", str(tmp_path / "out")]) == 0
+    assert positions == saved  # (round, epoch) to continue from
+
+
 def test_more_rounds_on_resume_extends_the_run_exactly(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert lot.main([*TINY, "--rounds", "1", "--out", str(a)]) == 0
@@ -152,6 +166,7 @@ def test_divergence_stops_with_the_member_round_epoch_and_lr_keeping_finished_wo
         return loss_sum, step
 
     monkeypatch.setattr(lot, "train_epoch", poisoned)
+    monkeypatch.setattr(lot, "CHECKPOINT_EVERY_S", 0.0)  # every epoch's end is checkpointed
     assert lot.main([*TINY, "--rounds", "2", "--out", str(out)]) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "member 1 (control of trial 0) diverged in round 1, epoch 2" in err and "--lr 0.01" in err

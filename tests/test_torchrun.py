@@ -111,8 +111,13 @@ def test_a_failed_rank_fails_the_job_names_the_rank_and_leaves_only_whole_files(
 def test_impossible_sharding_is_refused_by_every_rank(tmp_path, flags, message):
     proc = torchrun("--train-subset", "300", "--rounds", "1", "--epochs", "1", *flags, "--out", str(tmp_path / "o"))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert err.count(message) == 2 and "rank 0: error" in err and "rank 1: error" in err
+    # Every rank refuses on its own before any collective; which prints before torchrun stops
+    # the other is a race, so each error line present must be this one, and at least one is.
+    # (torchrun itself then prints its own traceback, naming each rank's exit code.)
+    assert proc.returncode != 0 and 'lot_improved.py", line' not in err  # no traceback of ours
+    assert re.search(r"exitcode\s*: 2 ", err) and not re.search(r"exitcode\s*: [^2]", err)
+    errors = [line for line in err.splitlines() if re.match(r"lot_improved: rank \d: error", line)]
+    assert errors and all(message in line for line in errors), err
     assert not (tmp_path / "o").exists()
 
 

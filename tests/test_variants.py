@@ -3,6 +3,7 @@
 import math
 import signal
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -186,7 +187,9 @@ def test_presets_resolve_to_the_documented_settings_and_explicit_flags_win():
         paper.batch_size,
         paper.iterations,
         paper.init,
-    ) == ("layer", "0.2,0.2,0.1", "adam", 1.2e-3, 60, 50_000, "xavier-normal")
+        paper.val_size,
+        paper.eval_every,
+    ) == ("layer", "0.2,0.2,0.1", "adam", 1.2e-3, 60, 50_000, "xavier-normal", 5000, 100)
     assert lot.layer_rates(paper) == (0.2, 0.2, 0.1)
     mine = cfg_of("--preset", "paper", "--lr", "0.005", "--iterations", "100")
     assert (mine.lr, mine.iterations, mine.optimizer) == (0.005, 100, "adam")
@@ -215,19 +218,41 @@ def test_every_variant_flag_end_to_end(tmp_path):
     assert header == "| Round | Weights Remaining | Ticket | Control | Delta | Random mask | One-shot | Late rewind |"
 
 
-def test_paper_preset_end_to_end_with_layer_rates_adam_and_iterations(tmp_path):
+def test_paper_preset_end_to_end_with_layer_rates_adam_iterations_and_early_stopping(tmp_path):
     out = tmp_path / "paper"
-    assert (
-        lot.main(
-            ["--preset", "paper", "--train-subset", "600", "--iterations", "25", "--rounds", "2", "--out", str(out)]
-        )
-        == 0
-    )
+    flags = ["--preset", "paper", "--train-subset", "600", "--val-size", "100", "--eval-every", "5"]
+    assert lot.main([*flags, "--iterations", "25", "--rounds", "2", "--reinit-draws", "2", "--out", str(out)]) == 0
     rows = pd.read_csv(out / "results.csv")
     last = rows[(rows["round"] == 2) & (rows.variant == "ticket")].iloc[0]
     assert (last.fc1_pct, last.fc2_pct, last.fc3_pct) == (64.0, 64.0, 81.0)  # 0.8^2, 0.8^2, 0.9^2
     curves = pd.read_csv(out / "curves.csv")
-    assert sorted(curves.epoch.unique()) == [1, 2, 3]  # 25 iterations of 10 per epoch: 10 + 10 + 5
+    assert sorted(curves.epoch.unique()) == [1, 2, 3]  # 25 iterations of 9 per epoch: 9 + 9 + 7
+    assert rows.early_stop_iter.isin([5, 10, 15, 20, 25]).all()
+    for png in ("early_stop.png", "test_acc_over_iterations.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_several_reinit_draws_are_fresh_inits_of_one_mask_and_the_summary_averages_them(tmp_path):
+    out = tmp_path / "draws"
+    assert lot.main([*TINY, "--trials", "2", "--reinit-draws", "3", "--out", str(out)]) == 0
+    rows = pd.read_csv(out / "results.csv")
+    controls = rows[rows.variant == "control"]
+    assert sorted(controls.draw.unique()) == [0, 1, 2] and len(controls) == 2 * 3 * 3
+    assert (rows[rows.variant == "ticket"].draw == 0).all()
+    assert controls.groupby(["trial", "round"]).test_acc.nunique().min() > 1  # three different inits
+    assert (rows.groupby(["trial", "round"]).weights.nunique() == 1).all()  # on the ticket's mask
+    table = lot.summary_frame(rows)[0].set_index("round")
+    expected = controls.groupby(["round", "trial"]).test_acc.mean().groupby("round").mean()
+    assert np.allclose(table.control_mean, expected)
+    assert "the mean of 3 reinit draws within each trial" in (out / "summary.md").read_text()
+
+
+def test_the_paper_figures_levels_map_to_the_rounds_of_its_layerwise_schedule():
+    # fc1 and fc2 lose 20% a round, fc3 10%: 51.3% is round 3, 21.1% round 7, ... 1.9% round 18.
+    fc = [(0.8, 235_200), (0.8, 30_000), (0.9, 1_000)]
+    pct = [100 * sum(n * r**k for r, n in fc) / lot.PRUNABLE for k in range(21)]
+    rows = pd.DataFrame({"round": range(21), "variant": "ticket", "weights_pct": pct})
+    assert lot.nearest_rounds(rows) == [0, 3, 7, 12, 15, 18]
 
 
 def test_a_run_with_every_variant_paused_anywhere_resumes_byte_identical(tmp_path, monkeypatch):
