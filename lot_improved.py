@@ -52,7 +52,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -294,6 +294,35 @@ def rewind_iteration(cfg: Config, n_train: int) -> int:
             f"--rewind-to {cfg.rewind_to} is past the end of a round ({round_steps(cfg, n_train)} iterations)"
         )
     return k
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's settings resolved once, for n_train training images per trial: each trial's
+    members in stacking order, the per-layer prune rates, and the lengths of epochs and rounds in
+    steps (and where round 0's late-rewind point lies)."""
+
+    cfg: Config
+    names: tuple[str, ...]
+    rates: tuple[float, ...]
+    n_train: int
+    epoch_steps: int
+    round_steps: int
+    late_rewind_step: Optional[int]
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.round_steps / self.epoch_steps)
+
+    def steps_in(self, epoch: int) -> int:
+        """Steps of epoch (1-based): whole epochs, then what is left of the round."""
+        return min(self.epoch_steps, self.round_steps - (epoch - 1) * self.epoch_steps)
+
+
+def make_plan(cfg: Config, n_train: int) -> Plan:
+    names = variants(cfg)
+    late = rewind_iteration(cfg, n_train) if "late_rewind" in names else None  # raises if past a round's end
+    return Plan(cfg, names, layer_rates(cfg), n_train, steps_per_epoch(cfg, n_train), round_steps(cfg, n_train), late)
 
 
 def variants(cfg: Config) -> tuple[str, ...]:
@@ -1140,10 +1169,10 @@ def members_of(names: Sequence[str], variant: str, trials: int) -> list[int]:
     return [t * len(names) + names.index(variant) for t in range(trials)]
 
 
-def begin_round(cfg: Config, state: RunState, stack: LeNetStack, control_gens: Sequence[torch.Generator]) -> None:
+def begin_round(plan: Plan, state: RunState, stack: LeNetStack, control_gens: Sequence[torch.Generator]) -> None:
     """Prune each iterative ticket (from its trained weights, still in the stack), then load every
     member's starting weights on its mask."""
-    rnd, names, n = state.round, variants(cfg), len(trial_ids(state))
+    cfg, rnd, names, n = plan.cfg, state.round, plan.names, len(trial_ids(state))
     trained = [w.detach().cpu() for w in stack._w + stack._b]
     if rnd == 1 and "oneshot" in names:  # one-shot tickets prune the tickets' dense trained weights
         state.dense = [p[members_of(names, "ticket", n)].clone() for p in trained]
@@ -1180,55 +1209,127 @@ def early_stops(evals: Sequence[dict], rnd: int) -> dict[tuple[int, str, int], d
     }
 
 
-def run_experiment(
-    cfg: Config,
-    train: Split,
-    test: Split,
-    device: torch.device,
-    state: RunState,
-    on_epoch: Callable[[Callable[[], RunState], str], None] = lambda snapshot, event: None,
-    stop: Callable[[], bool] = lambda: False,
-    progress: bool = True,
-) -> RunState:
-    """Iterative magnitude pruning from state's position to the last round. After every epoch
-    After every epoch on_epoch(snapshot, event) is told why ("epoch", "round" when a round has
-    finished, "pause"); snapshot() gives the state with the members' weights copied in, to save."""
-    names, trials = variants(cfg), trial_ids(state)
-    per = len(names)
-    index, val_index = validation_split(cfg.seed, trials, len(train.y), cfg.val_size)
-    val = Split(train.x[val_index.to(device)], train.y[val_index.to(device)])  # [trials, val_size, ...]
-    n = index.shape[1]
-    net: nn.Module = LeNetStack(len(trials) * per, per, device)
-    if cfg.data_parallel:
-        if device.type == "cuda" and torch.cuda.device_count() > 1:
-            net = nn.DataParallel(net, dim=1)
-        else:
-            warn("--data-parallel needs more than one visible GPU; training on one device")
-    stack = unwrap(net)
-    opt = make_optimizer(cfg, stack)
-    if state.params:
-        stack.load(state.params)
-        opt.restore(state.opt_state, state.opt_steps)
-    control_gens, data_gens = generators(state.control_rng), generators(state.data_rng)
-    per_epoch, total = steps_per_epoch(cfg, n), round_steps(cfg, n)
-    epochs = math.ceil(total / per_epoch)
-    late_k = rewind_iteration(cfg, n) if "late_rewind" in names else None
+@dataclass
+class Position:
+    """Where training stands inside a round: the epoch (1-based), the next step of it, and the
+    running sum of the epoch's training losses per member (None before its first step)."""
 
-    def snapshot() -> RunState:
-        state.params = [p.detach().cpu().clone() for p in stack.parameters()]
+    epoch: int = 1
+    step: int = 0
+    loss_sum: Optional[Tensor] = None
+
+
+@dataclass
+class Trainee:
+    """A stack in training: the network (maybe wrapped in nn.DataParallel), its optimiser, its
+    training split and, per trial, its training images and data-order generator."""
+
+    net: nn.Module
+    opt: MaskedSGD
+    train: Split
+    index: Tensor | int  # [trials, n] indices into train, or n: all of it
+    data_gens: list[torch.Generator]
+
+    def order(self) -> Tensor:
+        """The next epoch's batch order of every trial: [trials, n]."""
+        return epoch_order(self.index, self.data_gens, self.train.x.device)
+
+
+def round_schedule(plan: Plan, epoch: int, rewind_step: Optional[int]) -> list[tuple[int, str]]:
+    """What happens inside an epoch of a round, computed up front: (step of the epoch, event) in
+    order. "rewind": take the late-rewind point (round 0, iteration rewind_step); "eval": evaluate
+    validation and test sets (every --eval-every iterations and at the round's end, with
+    --val-size); "end": the epoch is over."""
+    first, steps = (epoch - 1) * plan.epoch_steps, plan.steps_in(epoch)
+    events = []
+    if rewind_step is not None and first <= rewind_step <= first + steps:
+        events.append((rewind_step - first, "rewind"))
+    if plan.cfg.val_size:
+        every = plan.cfg.eval_every
+        points = set(range(every * (first // every + 1), first + steps + 1, every))
+        points |= {plan.round_steps} if first + steps == plan.round_steps else set()
+        events += [(point - first, "eval") for point in sorted(points)]
+    order = {"eval": 0, "rewind": 1, "end": 2}
+    return sorted([*events, (steps, "end")], key=lambda e: (e[0], order[e[1]]))
+
+
+def train_round(
+    trainee: Trainee,
+    plan: Plan,
+    at: Position,
+    schedule: Callable[[int], list[tuple[int, str]]],
+    on_event: Callable[[str, int], None],
+    stop: Callable[[], bool],
+) -> Iterator[Tensor]:
+    """Train a round from position `at` (updated as it goes) to its end, yielding each finished
+    epoch's training-loss sums. Inside an epoch, training stops at each scheduled step and calls
+    on_event(event, iteration of the round). If stop() asks for a pause, `at` is where to go on
+    from and Paused is raised; the epoch's data order is drawn again on resume, as it was."""
+    for epoch in range(at.epoch, plan.epochs + 1):
+        at.epoch, order = epoch, trainee.order()
+        for until, event in schedule(epoch):
+            if until < at.step:  # passed before a pause
+                continue
+            at.loss_sum, at.step = train_epoch(
+                trainee.net, trainee.opt, trainee.train, order, plan.cfg.batch_size, at.step, at.loss_sum, stop, until
+            )
+            if at.step < until:
+                raise Paused(f"epoch {epoch}, step {at.step}/{plan.steps_in(epoch)}")
+            if event != "end":
+                on_event(event, (epoch - 1) * plan.epoch_steps + until)
+        yield at.loss_sum
+        at.step, at.loss_sum = 0, None
+
+
+class Experiment:
+    """Iterative magnitude pruning of a RunState's trials, all members stacked: for each round,
+    prune and rewind, train the round, record."""
+
+    def __init__(self, plan: Plan, train: Split, test: Split, state: RunState):
+        cfg, device = plan.cfg, train.x.device
+        self.plan, self.test, self.state = plan, test, state
+        self.trials = trial_ids(state)
+        index, val_index = validation_split(cfg.seed, self.trials, len(train.y), cfg.val_size)
+        self.val = Split(train.x[val_index.to(device)], train.y[val_index.to(device)])  # [trials, val_size, ...]
+        net: nn.Module = LeNetStack(len(self.trials) * len(plan.names), len(plan.names), device)
+        if cfg.data_parallel:
+            if device.type == "cuda" and torch.cuda.device_count() > 1:
+                net = nn.DataParallel(net, dim=1)
+            else:
+                warn("--data-parallel needs more than one visible GPU; training on one device")
+        self.stack = unwrap(net)
+        opt = make_optimizer(cfg, self.stack)
+        if state.params:
+            self.stack.load(state.params)
+            opt.restore(state.opt_state, state.opt_steps)
+        self.control_gens = generators(state.control_rng)
+        self.trainee = Trainee(net, opt, train, index, generators(state.data_rng))
+        self.evaluations: list[tuple[int, Tensor]] = []  # (iteration, [val loss, val acc, test loss, test acc])
+
+    def snapshot(self) -> RunState:
+        """The state with the members' weights, optimiser and generators copied in, to save."""
+        state, opt = self.state, self.trainee.opt
+        state.params = [p.detach().cpu().clone() for p in self.stack.parameters()]
         state.opt_state, state.opt_steps = [b.cpu().clone() for b in opt.state()], opt.steps
-        state.control_rng = [g.get_state() for g in control_gens]
+        state.control_rng = [g.get_state() for g in self.control_gens]
         return state
 
-    evaluations: list[tuple[int, Tensor]] = []  # (iteration, [val loss, val acc, test loss, test acc] per member)
+    def on_event(self, event: str, iteration: int) -> None:
+        if event == "rewind":  # the late-rewound tickets' weights at this point of round 0
+            late = members_of(self.plan.names, "late_rewind", len(self.trials))
+            self.state.rewind_point = [p.detach()[late].cpu().clone() for p in self.stack.parameters()]
+        else:
+            net = self.trainee.net
+            self.evaluations.append((iteration, torch.stack([*evaluate(net, self.val), *evaluate(net, self.test)])))
 
-    def eval_records(names: Sequence[str], rnd: int, pending: list[tuple[int, Tensor]]) -> list[dict]:
-        records = []
-        for iteration, values in pending:
+    def eval_records(self) -> list[dict]:
+        """The evaluations since the last call, as validation.csv rows (one read from the device)."""
+        records, names, rnd = [], self.plan.names, self.state.round
+        for iteration, values in self.evaluations:
             v = values.cpu().tolist()
             records += [
                 {
-                    **member_ids(names, trials, m, rnd),
+                    **member_ids(names, self.trials, m, rnd),
                     "iteration": iteration,
                     "val_loss": round(v[0][m], 6),
                     "val_acc": round(v[1][m], 2),
@@ -1237,90 +1338,93 @@ def run_experiment(
                 }
                 for m in range(len(v[0]))
             ]
-        pending.clear()
+        self.evaluations.clear()
         return records
 
-    def take_rewind_point() -> None:
-        late = members_of(names, "late_rewind", len(trials))
-        state.rewind_point = [p.detach()[late].cpu().clone() for p in stack.parameters()]
+    def epoch_stats(self, epoch: int, loss_sum: Tensor) -> list[list[float]]:
+        """[train loss, test loss, test acc] per member after an epoch; an epoch that ended on an
+        evaluation takes its test numbers from it (the same weights)."""
+        plan = self.plan
+        samples = min(plan.steps_in(epoch) * plan.cfg.batch_size, plan.n_train)
+        if self.evaluations and self.evaluations[-1][0] == (epoch - 1) * plan.epoch_steps + plan.steps_in(epoch):
+            test_loss, test_acc = self.evaluations[-1][1][2:]
+        else:
+            test_loss, test_acc = evaluate(self.trainee.net, self.test)
+        stats = torch.stack([loss_sum / samples, test_loss, test_acc]).cpu().tolist()  # one sync per epoch
+        check_finite(plan.names, self.trials, stats, self.state.round, epoch, plan.cfg.lr)
+        return stats
 
-    with tqdm(
-        total=cfg.rounds + 1,
-        initial=state.round,
-        desc="rounds",
-        unit="round",
-        dynamic_ncols=True,
-        **({} if progress else {"disable": True}),
-    ) as bar:  # else TQDM_DISABLE=1 decides
-        while state.round <= cfg.rounds:
-            rnd = state.round
-            if state.epoch == 1 and state.step == 0:
-                begin_round(cfg, state, stack, control_gens)
-                opt.reset()
-            masks = [member_masks(cfg, state, t, v, rnd) for t in range(len(trials)) for v in names]
-            use_masks(opt, stack_members(masks, device))
-            for epoch in range(state.epoch, epochs + 1):
-                order = epoch_order(index, data_gens, device)
-                steps = min(per_epoch, total - (epoch - 1) * per_epoch)
-                first = (epoch - 1) * per_epoch  # iterations of this round before this epoch
-                loss_sum = None if state.loss_sum is None else state.loss_sum.to(device)
-                step = state.step
-                k = late_k - first if late_k and rnd == 0 and not state.rewind_point else None
-                while True:
-                    if step == k:  # the late-rewinding point of round 0
-                        take_rewind_point()
-                        k = None
-                    if step == steps:
-                        break
-                    bounds = [steps]  # stop early at the rewind point and at each evaluation
-                    if k is not None and k > step:
-                        bounds.append(k)
-                    if cfg.val_size:
-                        bounds.append(cfg.eval_every * ((first + step) // cfg.eval_every + 1) - first)
-                    until = min(bounds)
-                    loss_sum, step = train_epoch(net, opt, train, order, cfg.batch_size, step, loss_sum, stop, until)
-                    at_eval = (first + step) % cfg.eval_every == 0 or first + step == total  # and the round's end
-                    if cfg.val_size and step == until and at_eval:
-                        evaluations.append((first + step, torch.stack([*evaluate(net, val), *evaluate(net, test)])))
-                    if step < until:  # paused: save the position inside this epoch, rewinding the data order
-                        state.step, state.loss_sum = step, loss_sum.cpu()
-                        state.evals += eval_records(names, rnd, evaluations)
-                        on_epoch(snapshot, "pause")
-                        raise Paused(f"round {rnd}, epoch {epoch}, step {step}/{steps}")
-                samples = min(steps * cfg.batch_size, n)
-                if evaluations and evaluations[-1][0] == first + steps:  # just evaluated: same weights
-                    test_loss, test_acc = evaluations[-1][1][2:]
-                else:
-                    test_loss, test_acc = evaluate(net, test)
-                stats = torch.stack([loss_sum / samples, test_loss, test_acc]).cpu().tolist()  # one sync per epoch
-                check_finite(names, trials, stats, rnd, epoch, cfg.lr)
-                postfix = last_accuracies(names, stats[2], masks[0])
-                bar.set_postfix({"round": rnd, "epoch": f"{epoch}/{epochs}", **postfix})
-                state.curves += member_records(names, trials, stats, rnd, lambda m: {"epoch": epoch})
-                state.evals += eval_records(names, rnd, evaluations)  # one read of the epoch's evaluations
-                state.data_rng = [g.get_state() for g in data_gens]
+    def schedule(self, epoch: int) -> list[tuple[int, str]]:
+        state = self.state
+        rewinding = state.round == 0 and "late_rewind" in self.plan.names and not state.rewind_point
+        return round_schedule(self.plan, epoch, self.plan.late_rewind_step if rewinding else None)
+
+    def run_round(self, on_epoch: Callable[[Callable[[], RunState], str], None], stop: Callable[[], bool], bar: Any) -> None:
+        """One round: prune and rewind (unless resuming inside it), train it, record its rows."""
+        state, plan, opt = self.state, self.plan, self.trainee.opt
+        if state.epoch == 1 and state.step == 0:
+            begin_round(plan, state, self.stack, self.control_gens)
+            opt.reset()
+        masks = [member_masks(plan.cfg, state, t, v, state.round) for t in range(len(self.trials)) for v in plan.names]
+        use_masks(opt, stack_members(masks, self.stack.flat.device))
+        loss = None if state.loss_sum is None else state.loss_sum.to(self.stack.flat.device)
+        at = Position(state.epoch, state.step, loss)
+        try:
+            for loss_sum in train_round(self.trainee, plan, at, self.schedule, self.on_event, stop):
+                stats = self.epoch_stats(at.epoch, loss_sum)
+                bar.set_postfix({"round": state.round, "epoch": f"{at.epoch}/{plan.epochs}", **last_accuracies(plan.names, stats[2], masks[0])})
+                state.curves += member_records(plan.names, self.trials, stats, state.round, lambda m: {"epoch": at.epoch})
+                state.evals += self.eval_records()
+                state.data_rng = [g.get_state() for g in self.trainee.data_gens]
                 state.step, state.loss_sum = 0, None
-                if epoch < epochs:
-                    state.epoch = epoch + 1
-                    on_epoch(snapshot, "epoch")
-            rows = member_records(names, trials, stats, rnd, lambda m: layer_percentages(masks[m]))
-            stops = early_stops(state.evals, rnd)
-            key = lambda row: (row["trial"], row["variant"], row.get("draw", 0))
-            state.rows += [{**row, **stops.get(key(row), {})} for row in rows]
-            state.round, state.epoch = rnd + 1, 1
-            on_epoch(snapshot, "round")
+                if at.epoch < plan.epochs:
+                    state.epoch = at.epoch + 1
+                    on_epoch(self.snapshot, "epoch")
+        except Paused as e:  # save the position inside this epoch; its data order is drawn again
+            state.epoch, state.step, state.loss_sum = at.epoch, at.step, at.loss_sum.cpu()
+            state.evals += self.eval_records()
+            on_epoch(self.snapshot, "pause")
+            raise Paused(f"round {state.round}, {e}") from None
+        self.record(stats, masks)
+
+    def record(self, stats: list[list[float]], masks: list[list[Tensor]]) -> None:
+        """The finished round's results.csv rows, with each member's early-stopping point."""
+        state = self.state
+        rows = member_records(self.plan.names, self.trials, stats, state.round, lambda m: layer_percentages(masks[m]))
+        stops = early_stops(state.evals, state.round)
+        key = lambda row: (row["trial"], row["variant"], row.get("draw", 0))  # noqa: E731
+        state.rows += [{**row, **stops.get(key(row), {})} for row in rows]
+
+
+def run_experiment(
+    plan: Plan,
+    train: Split,
+    test: Split,
+    state: RunState,
+    on_epoch: Callable[[Callable[[], RunState], str], None] = lambda snapshot, event: None,
+    stop: Callable[[], bool] = lambda: False,
+    progress: bool = True,
+) -> RunState:
+    """The iterative-pruning loop, from state's position to the last round. After every epoch
+    on_epoch(snapshot, event) is told why ("epoch"; "round" when a round has finished; "pause")
+    and may call snapshot() for the state with the members' weights copied in, to save it."""
+    experiment = Experiment(plan, train, test, state)
+    bar_options = {} if progress else {"disable": True}  # else TQDM_DISABLE decides
+    with tqdm(total=plan.cfg.rounds + 1, initial=state.round, desc="rounds", unit="round", dynamic_ncols=True, **bar_options) as bar:
+        while state.round <= plan.cfg.rounds:
+            experiment.run_round(on_epoch, stop, bar)  # prune and rewind, train, record
+            state.round, state.epoch = state.round + 1, 1
+            on_epoch(experiment.snapshot, "round")
             bar.update()
     return state
 
 
-def run_transfer(
-    cfg: Config, state: RunState, train: Split, test: Split, device: torch.device, progress: bool = True
-) -> list[dict]:
+def run_transfer(cfg: Config, state: RunState, train: Split, test: Split, progress: bool = True) -> list[dict]:
     """Do the MNIST tickets transfer? Every finished round's ticket mask is trained on another
     dataset twice, from the trial's W0 (variant ticket) and from a fresh init (reinit), with the
     optimiser and length of an MNIST round. All of a trial's members share its batches; all are
     stacked. Round 0's ticket is the dense network. Returns one row per member."""
-    rounds, per, trials = state.round, 2 * state.round, trial_ids(state)
+    rounds, per, trials, device = state.round, 2 * state.round, trial_ids(state), train.x.device
     stack = LeNetStack(len(trials) * per, per, device)
     starts, masks = [], []
     for t, trial in enumerate(trials):
@@ -1333,25 +1437,17 @@ def run_transfer(
     stack.load(stack_members(starts, device))
     opt = make_optimizer(cfg, stack)
     use_masks(opt, stack_members(masks, device))
-    data_gens = [make_generator(cfg.seed, trial, "transfer", 0) for trial in trials]
-    n = len(train.y)
-    per_epoch, total = steps_per_epoch(cfg, n), round_steps(cfg, n)
-    with tqdm(
-        total=math.ceil(total / per_epoch),
-        desc="transfer",
-        unit="epoch",
-        dynamic_ncols=True,
-        **({} if progress else {"disable": True}),
-    ) as bar:
-        for epoch in range(1, bar.total + 1):
-            steps = min(per_epoch, total - (epoch - 1) * per_epoch)
-            loss_sum, _ = train_epoch(stack, opt, train, epoch_order(n, data_gens, device), cfg.batch_size, until=steps)
+    plan = make_plan(dataclasses.replace(cfg, rewind_to="0it", val_size=0), len(train.y))
+    trainee = Trainee(stack, opt, train, len(train.y), [make_generator(cfg.seed, t, "transfer", 0) for t in trials])
+    at, bar_options = Position(), {} if progress else {"disable": True}
+    with tqdm(total=plan.epochs, desc="transfer", unit="epoch", dynamic_ncols=True, **bar_options) as bar:
+        for loss_sum in train_round(trainee, plan, at, lambda e: [(plan.steps_in(e), "end")], print, lambda: False):
             bar.update()
     test_loss, test_acc = evaluate(stack, test)
-    stats = torch.stack([loss_sum / min(steps * cfg.batch_size, n), test_loss, test_acc]).cpu().tolist()
-    check_finite(
-        [f"{v} of round {r}" for r in range(rounds) for v in ("ticket", "reinit")], trials, stats, -1, bar.total, cfg.lr
-    )
+    samples = min(plan.steps_in(plan.epochs) * cfg.batch_size, plan.n_train)
+    stats = torch.stack([loss_sum / samples, test_loss, test_acc]).cpu().tolist()
+    names = [f"{v} of round {r}" for r in range(rounds) for v in ("ticket", "reinit")]
+    check_finite(names, trials, stats, -1, plan.epochs, cfg.lr)
     return [
         {
             "trial": trials[m // per],
@@ -2195,230 +2291,281 @@ EXIT_CODES = {
 }
 
 
+@dataclass
+class Job:
+    """A run resolved before any training: settings, this process's place, device, data, where
+    it writes and the state it starts from (fresh, or a checkpoint's)."""
+
+    plan: Plan
+    ranks: Ranks
+    device: torch.device
+    out: Path
+    checkpoint: str
+    state: RunState
+    train: Split
+    test: Split
+    transfer: Optional[tuple[Split, Split]]
+    data_sha: str
+    stop_signal: Optional[int] = None  # the signal that stopped training, if one did
+
+    @property
+    def cfg(self) -> Config:
+        return self.plan.cfg
+
+    @property
+    def who(self) -> str:
+        return f"lot_improved: rank {self.ranks.rank}" if self.ranks.world > 1 else "lot_improved"
+
+
+def check_torchrun(cfg: Config, ranks: Ranks) -> None:
+    if ranks.world > 1 and cfg.data_parallel:
+        raise UsageError("--data-parallel and torchrun do not mix: torchrun already gives each GPU a process")
+    if cfg.trials < ranks.world:
+        raise UsageError(f"--trials {cfg.trials} is fewer than the {ranks.world} torchrun processes")
+
+
+def saved_run(cfg: Config, ranks: Ranks, device: torch.device) -> tuple[Optional[RunState], dict]:
+    """With --resume: the checkpointed state (None if the run was stopped before its first
+    checkpoint) and what the run in --out recorded, refusing settings that would change it."""
+    out, name = Path(cfg.out), checkpoint_name(ranks)
+    if not cfg.resume:
+        return None, {}
+    state, saved = None, {}
+    if (out / name).exists():
+        state, saved = load_checkpoint(out, name)
+        if trial_ids(state) != shard(cfg.trials, ranks):
+            raise UsageError(
+                f"--resume: {name} holds trials {trial_ids(state)}, this process runs "
+                f"{shard(cfg.trials, ranks)}: resume with as many processes as before"
+            )
+    else:  # stopped before its first checkpoint: nothing to lose, start again
+        saved = read_config_json(out) or {}
+        if not isinstance(saved.get("config"), dict):
+            raise UsageError(f"--resume: {cfg.out}/ holds no {name} and no run of this script")
+    diffs = config_differences(saved["config"], cfg)
+    if diffs:
+        raise UsageError(f"--resume: settings differ from the run in {cfg.out}/: {', '.join(diffs)}")
+    if state and saved["device"] != str(device):
+        warn(
+            f"resuming on {device} a run begun on {saved['device']}: later numbers may differ in the "
+            "last bits from an uninterrupted run"
+        )
+    return state, saved
+
+
+def prepare(cfg: Config, ranks: Ranks, device: torch.device) -> Job:
+    """Everything that can be refused as bad input, checked before --out is touched."""
+    check_out(cfg)
+    state, saved = saved_run(cfg, ranks, device)
+    arrays = load_mnist_arrays(cfg.data_dir)
+    data_sha = fingerprint(arrays)
+    if state and saved["data_sha256"] != data_sha:
+        raise UsageError(f"--resume: the MNIST found via --data-dir {cfg.data_dir} is not the data the run began with")
+    train, test = to_splits(arrays, device, cfg.train_subset)
+    transfer = to_splits(load_transfer_arrays(cfg), device, cfg.train_subset, own_stats=True) if cfg.transfer else None
+    if cfg.val_size >= len(train.y):
+        raise UsageError(f"--val-size {cfg.val_size} leaves no training images (of {len(train.y)})")
+    plan = make_plan(cfg, len(train.y) - cfg.val_size)
+    out = prepare_out(cfg, ranks)
+    state = state or fresh_state(cfg, shard(cfg.trials, ranks))
+    return Job(plan, ranks, device, out, checkpoint_name(ranks), state, train, test, transfer, data_sha)
+
+
+class Session:
+    """What a run writes, and when: config.json with its status and times, the tables after every
+    round (gathered from every torchrun rank), and checkpoints."""
+
+    def __init__(self, job: Job, started: float):
+        self.job, self.started = job, started
+        self.earlier_s = job.state.elapsed_s  # spent by the processes this one resumes
+        self.merged: Optional[RunState] = None  # every rank's finished rounds, on rank 0
+        self.last_save = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.earlier_s + time.perf_counter() - self.started
+
+    def timing(self) -> dict[str, float]:
+        """A resumed run reports its whole time, and this process's."""
+        this = round(time.perf_counter() - self.started, 1)
+        return {"wall_time_s": round(self.elapsed(), 1), **({"wall_time_this_process_s": this} if self.earlier_s else {})}
+
+    def config(self, status: str, **extra: Any) -> None:
+        job = self.job
+        if job.ranks.main:
+            write_config(job.cfg, job.device, job.out, status=status, data_sha256=job.data_sha, world_size=job.ranks.world, **extra)
+
+    def tables(self, state: RunState) -> None:
+        """A collective under torchrun: rank 0 gathers and writes."""
+        self.merged = gather_states(state, self.job.ranks)
+        if self.job.ranks.main:
+            write_tables(self.job.cfg, self.merged, self.job.out)
+
+    def save(self, snapshot: Callable[[], RunState], event: str) -> None:
+        """run_experiment's on_epoch: a finished round's tables, then the checkpoint."""
+        if event == "epoch" and time.perf_counter() - self.last_save < CHECKPOINT_EVERY_S:
+            return  # a long round's epochs are seconds apart on a GPU; its checkpoint is megabytes
+        state = snapshot()
+        if event == "round":  # first: a round is checkpointed as done once every rank has finished it
+            self.tables(state)
+        state.elapsed_s = self.elapsed()
+        save_checkpoint(self.job.out, self.job.cfg, self.job.device, self.job.data_sha, state, self.job.checkpoint)
+        self.last_save = time.perf_counter()
+
+
+def announce(job: Job) -> None:
+    cfg, ranks = job.cfg, job.ranks
+    length = f"{cfg.iterations} iterations" if cfg.iterations else f"{cfg.epochs} epochs"
+    print(
+        f"lot_improved: {cfg.trials} trial(s) x {len(variants(cfg))} variants"
+        + (f" on {ranks.world} processes" if ranks.world > 1 else "")
+        + f", {cfg.rounds + 1} rounds x {length} on {len(job.train.y) - cfg.val_size} images, device {job.device}, "
+        f"writing to {job.out}/" + (f", resuming at round {job.state.round} epoch {job.state.epoch}" if cfg.resume else ""),
+        file=sys.stderr,
+    )
+
+
+def transfer_outputs(job: Job, state: RunState) -> list[Path]:
+    """--transfer: every round's ticket mask retrained on Fashion-MNIST; transfer.csv and its figure."""
+    rows = gather_rows(run_transfer(job.cfg, state, *job.transfer, progress=job.ranks.main), job.ranks)
+    if not job.ranks.main:
+        return []
+    frame = pd.DataFrame(rows)
+    atomic_write(job.out / "transfer.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    dense = frame[(frame["round"] == 0) & (frame.variant == "ticket")].test_acc.mean()
+    plot_vs_weights(
+        frame,
+        job.out / "transfer.png",
+        "test_acc",
+        ("ticket", "reinit"),
+        "Fashion-MNIST test accuracy (%)",
+        "MNIST tickets retrained on Fashion-MNIST",
+        xlabel="weights remaining (%), masks found on MNIST",
+        palette={"ticket": COLORS["ticket"], "reinit": COLORS["control"]},
+        reference=(dense, "dense (round 0 ticket)"),
+    )
+    return [job.out / "transfer.png"]
+
+
+class Stopped(Exception):
+    """Training ended early on purpose: a signal, or the other torchrun processes being stopped."""
+
+
+def stop_reason(e: BaseException, job: Job, signum: Optional[int]) -> tuple[str, str]:
+    """How each way of ending early is reported: (EXIT_CODES key, the one line printed)."""
+    resume = resume_command(job.cfg)
+    signal_name = signal.Signals(signum or signal.SIGINT).name
+    if isinstance(e, Paused):
+        return signal_name, f"{job.who}: {signal_name}: stopped, {job.state.round} round(s) finished, checkpoint at {e}; resume with: {resume}"
+    if isinstance(e, KeyboardInterrupt):
+        return signal_name, f"{job.who}: {signal_name}: stopped, {job.state.round} round(s) finished, last checkpoint kept; resume with: {resume}"
+    if isinstance(e, Stopped):
+        return signal_name, f"{job.who}: {signal_name}: stopped while waiting for the other processes; every checkpoint is complete; resume with: {resume}"
+    if isinstance(e, Diverged):
+        return "diverged", f"{job.who}: error: {e}; finished rounds and the last good checkpoint are kept in {job.out}/"
+    if isinstance(e, RankLost):
+        return "rank lost", (
+            f"{job.who}: error: lost contact with the other torchrun processes ({one_line(e)[:160]}); every "
+            f"checkpoint is complete; resume with: {resume}"
+        )
+    reason = e.strerror or one_line(e)  # OSError: a full disk, a vanished directory
+    return "cannot write", (
+        f"{job.who}: error: cannot write to {job.cfg.out}/ ({reason}); every file already there is complete; "
+        f"free space and resume with: {resume}"
+    )
+
+
+def train(job: Job, session: Session) -> RunState:
+    """Every round from the job's state to the last, stopping cleanly on a signal."""
+    with stop_on_signals() as stop:
+        try:
+            return run_experiment(job.plan, job.train, job.test, job.state, session.save, stop, job.ranks.main)
+        except (Paused, KeyboardInterrupt):
+            job.stop_signal = stop.signum
+            raise
+        except RankLost:
+            if not stop():
+                raise
+            job.stop_signal = stop.signum  # the others were stopped too, mid-epoch
+            raise Stopped() from None
+
+
+def run(job: Job, started: float) -> int:
+    """Train (or continue), checkpoint, write the outputs and report; each early end is one line
+    and its exit code."""
+    session = Session(job, started)
+    try:
+        session.config("running")
+        if job.state.round > 0:  # a kill may have come between a checkpoint and the tables
+            session.tables(job.state)
+        if job.ranks.main:
+            announce(job)
+        state = train(job, session)
+        summary, figures = write_outputs(pd.DataFrame(session.merged.rows), job.out) if job.ranks.main else ("", [])
+        if job.transfer is not None:
+            figures += transfer_outputs(job, state)
+        session.config("finished", **session.timing())
+    except KeyboardInterrupt as e:
+        if job.state.round > job.cfg.rounds:  # the MNIST rounds were done: only the transfer stopped
+            print(
+                f"\n{job.who}: SIGINT: transfer stopped; the MNIST results in {job.out}/ are complete; to redo the "
+                f"transfer: {resume_command(job.cfg)}",
+                file=sys.stderr,
+            )
+            return EXIT_CODES["SIGINT"]
+        return report_stop(e, job, session)
+    except (Paused, Stopped, Diverged, RankLost, OSError) as e:
+        return report_stop(e, job, session)
+    if job.ranks.main:
+        print("\n" + summary)
+        times = session.timing()
+        took = f"{times['wall_time_s'] / 60:.1f} min"
+        if "wall_time_this_process_s" in times:
+            took += f" ({times['wall_time_this_process_s'] / 60:.1f} min in this process)"
+        print(f"lot_improved: finished in {took}; outputs in {job.out}/", file=sys.stderr)
+        show_inline(figures)
+    return EXIT_CODES["finished"]
+
+
+def report_stop(e: BaseException, job: Job, session: Session) -> int:
+    """An early end: the finished rounds' figures and config.json as they stand, then one line."""
+    code, line = stop_reason(e, job, job.stop_signal)
+    if isinstance(e, (Paused, KeyboardInterrupt)):
+        if job.ranks.main and (job.out / "results.csv").exists():  # the finished rounds, as written
+            write_outputs(pd.read_csv(job.out / "results.csv"), job.out)
+        session.config("interrupted", **session.timing())
+    elif isinstance(e, Diverged):
+        session.config("diverged")
+    print(line, file=sys.stderr)
+    return EXIT_CODES[code]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point. argv defaults to sys.argv[1:]; returns the exit code (EXIT_CODES) instead of
-    exiting. Bad input is found before anything in --out is touched. Under torchrun every rank
-    runs this, on its own trials; rank 0 alone writes the merged outputs."""
+    """Entry point: parse, validate, prepare, run, write. argv defaults to the command line (in a
+    notebook, none); returns the exit code (EXIT_CODES) instead of exiting. Bad input is found
+    before anything in --out is touched. Under torchrun every rank runs this on its own trials;
+    rank 0 alone writes the merged outputs."""
     started, ranks = time.perf_counter(), ranks_from_env()
-    who = f"lot_improved: rank {ranks.rank}" if ranks.world > 1 else "lot_improved"
     try:
         cfg = parse_config(command_line() if argv is None else argv)
         validate(cfg)
-        if ranks.world > 1 and cfg.data_parallel:
-            raise UsageError("--data-parallel and torchrun do not mix: torchrun already gives each GPU a process")
-        if cfg.trials < ranks.world:
-            raise UsageError(f"--trials {cfg.trials} is fewer than the {ranks.world} torchrun processes")
+        check_torchrun(cfg, ranks)
         device = resolve_device(cfg.device, ranks.local if ranks.world > 1 else None)
         if cfg.replot:
             return replot(Path(cfg.out))
-        check_out(cfg)
-        state, saved, ckpt = None, {}, checkpoint_name(ranks)
-        if cfg.resume:
-            if (Path(cfg.out) / ckpt).exists():
-                state, saved = load_checkpoint(Path(cfg.out), ckpt)
-                if trial_ids(state) != shard(cfg.trials, ranks):
-                    raise UsageError(
-                        f"--resume: {ckpt} holds trials {trial_ids(state)}, this process runs "
-                        f"{shard(cfg.trials, ranks)}: resume with as many processes as before"
-                    )
-            else:  # killed before its first checkpoint: nothing to lose, start again
-                saved = read_config_json(Path(cfg.out)) or {}
-                if not isinstance(saved.get("config"), dict):
-                    raise UsageError(f"--resume: {cfg.out}/ holds no {ckpt} and no run of this script")
-            diffs = config_differences(saved["config"], cfg)
-            if diffs:
-                raise UsageError(f"--resume: settings differ from the run in {cfg.out}/: {', '.join(diffs)}")
-            if state and saved["device"] != str(device):
-                warn(
-                    f"resuming on {device} a run begun on {saved['device']}: later numbers may differ in the "
-                    "last bits from an uninterrupted run"
-                )
-        arrays = load_mnist_arrays(cfg.data_dir)
-        data_sha = fingerprint(arrays)
-        if state and saved["data_sha256"] != data_sha:
-            raise UsageError(
-                f"--resume: the MNIST found via --data-dir {cfg.data_dir} is not the data the run began with"
-            )
-        train, test = to_splits(arrays, device, cfg.train_subset)
-        transfer = (
-            to_splits(load_transfer_arrays(cfg), device, cfg.train_subset, own_stats=True) if cfg.transfer else None
-        )
-        if cfg.val_size >= len(train.y):
-            raise UsageError(f"--val-size {cfg.val_size} leaves no training images (of {len(train.y)})")
-        if "late_rewind" in variants(cfg):
-            rewind_iteration(cfg, len(train.y) - cfg.val_size)  # raises if past the end of a round
-        out = prepare_out(cfg, ranks)
+        job = prepare(cfg, ranks, device)
     except UsageError as e:
+        who = f"lot_improved: rank {ranks.rank}" if ranks.world > 1 else "lot_improved"
         print(f"{who}: error: {e}", file=sys.stderr)
         return EXIT_CODES["bad input"]
-    except SystemExit as e:  # argparse: --help (0) or a bad flag (2)
+    except SystemExit as e:  # argparse: --help (0)
         return int(e.code or 0)
     if ranks.world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return run_main(
-            cfg,
-            ranks,
-            device,
-            out,
-            ckpt,
-            state or fresh_state(cfg, shard(cfg.trials, ranks)),
-            train,
-            test,
-            transfer,
-            data_sha,
-            started,
-        )
+        return run(job, started)
     finally:
         if ranks.world > 1:
             dist.destroy_process_group()
-
-
-def run_main(
-    cfg: Config,
-    ranks: Ranks,
-    device: torch.device,
-    out: Path,
-    ckpt: str,
-    state: RunState,
-    train: Split,
-    test: Split,
-    transfer: Optional[tuple[Split, Split]],
-    data_sha: str,
-    started: float,
-) -> int:
-    """main's second half: train (or continue), checkpoint, write outputs, report."""
-    who = f"lot_improved: rank {ranks.rank}" if ranks.world > 1 else "lot_improved"
-    earlier = state.elapsed_s  # spent by the processes this one resumes
-
-    def elapsed() -> float:
-        return earlier + time.perf_counter() - started
-
-    def config(status: str, **extra: Any) -> None:
-        if ranks.main:
-            write_config(cfg, device, out, status=status, data_sha256=data_sha, world_size=ranks.world, **extra)
-
-    def timing() -> dict[str, float]:  # a resumed run reports its whole time, and this process's
-        this = round(time.perf_counter() - started, 1)
-        return {"wall_time_s": round(elapsed(), 1), **({"wall_time_this_process_s": this} if earlier else {})}
-
-    merged: list[Optional[RunState]] = [None]
-
-    def tables(state: RunState) -> None:  # a collective under torchrun; rank 0 writes
-        merged[0] = gather_states(state, ranks)
-        if ranks.main:
-            write_tables(cfg, merged[0], out)
-
-    last_save = [time.perf_counter()]
-
-    def save(snapshot: Callable[[], RunState], event: str) -> None:
-        if event == "epoch" and time.perf_counter() - last_save[0] < CHECKPOINT_EVERY_S:
-            return  # a long round's epochs are seconds apart on a GPU; its checkpoint is megabytes
-        state = snapshot()
-        if event == "round":  # first: a round is checkpointed as done once every rank has finished it
-            tables(state)
-        state.elapsed_s = elapsed()
-        save_checkpoint(out, cfg, device, data_sha, state, ckpt)
-        last_save[0] = time.perf_counter()
-
-    try:
-        config("running")
-        if state.round > 0:  # a kill may have come between a checkpoint and the tables
-            tables(state)
-        if ranks.main:
-            length = f"{cfg.iterations} iterations" if cfg.iterations else f"{cfg.epochs} epochs"
-            print(
-                f"lot_improved: {cfg.trials} trial(s) x {len(variants(cfg))} variants"
-                + (f" on {ranks.world} processes" if ranks.world > 1 else "")
-                + f", {cfg.rounds + 1} rounds x {length} on {len(train.y) - cfg.val_size} images, device {device}, "
-                f"writing to {out}/" + (f", resuming at round {state.round} epoch {state.epoch}" if cfg.resume else ""),
-                file=sys.stderr,
-            )
-        with stop_on_signals() as stop:
-            try:
-                state = run_experiment(cfg, train, test, device, state, on_epoch=save, stop=stop, progress=ranks.main)
-            except (Paused, KeyboardInterrupt) as e:
-                name = signal.Signals(stop.signum or signal.SIGINT).name
-                if ranks.main and (out / "results.csv").exists():  # the finished rounds, as written
-                    write_outputs(pd.read_csv(out / "results.csv"), out)
-                config("interrupted", **timing())
-                where = f"checkpoint at {e}" if isinstance(e, Paused) else "last checkpoint kept"
-                print(
-                    f"{who}: {name}: stopped, {state.round} round(s) finished, {where}; resume with: "
-                    f"{resume_command(cfg)}",
-                    file=sys.stderr,
-                )
-                return EXIT_CODES[name]
-            except RankLost:
-                if not stop():
-                    raise
-                name = signal.Signals(stop.signum).name  # the others were stopped too, mid-epoch
-                print(
-                    f"{who}: {name}: stopped while waiting for the other processes; every checkpoint is "
-                    f"complete; resume with: {resume_command(cfg)}",
-                    file=sys.stderr,
-                )
-                return EXIT_CODES[name]
-            except Diverged as e:
-                config("diverged")
-                print(
-                    f"{who}: error: {e}; finished rounds and the last good checkpoint are kept in {out}/",
-                    file=sys.stderr,
-                )
-                return EXIT_CODES["diverged"]
-        figures: list[Path] = []
-        if ranks.main:
-            summary, figures = write_outputs(pd.DataFrame(merged[0].rows), out)
-        if transfer is not None:
-            try:
-                parts = gather_rows(run_transfer(cfg, state, *transfer, device, progress=ranks.main), ranks)
-            except KeyboardInterrupt:
-                print(
-                    f"\n{who}: SIGINT: transfer stopped; the MNIST results in {out}/ are complete; to redo the "
-                    f"transfer: {resume_command(cfg)}",
-                    file=sys.stderr,
-                )
-                return EXIT_CODES["SIGINT"]
-            if ranks.main:
-                rows = pd.DataFrame(parts)
-                atomic_write(out / "transfer.csv", lambda tmp: rows.to_csv(tmp, index=False))
-                figures.append(out / "transfer.png")
-                dense = rows[(rows["round"] == 0) & (rows.variant == "ticket")].test_acc.mean()
-                plot_vs_weights(
-                    rows,
-                    figures[-1],
-                    "test_acc",
-                    ("ticket", "reinit"),
-                    "Fashion-MNIST test accuracy (%)",
-                    "MNIST tickets retrained on Fashion-MNIST",
-                    "weights remaining (%), masks found on MNIST",
-                    {"ticket": COLORS["ticket"], "reinit": COLORS["control"]},
-                    (dense, "dense (round 0 ticket)"),
-                )
-        times = timing()
-        config("finished", **times)
-    except RankLost as e:  # another rank failed or vanished; torchrun names it
-        print(
-            f"{who}: error: lost contact with the other torchrun processes ({one_line(e)[:160]}); every "
-            f"checkpoint is complete; resume with: {resume_command(cfg)}",
-            file=sys.stderr,
-        )
-        return EXIT_CODES["rank lost"]
-    except OSError as e:  # a full disk, a vanished directory: finished files stay as they were
-        print(
-            f"{who}: error: cannot write to {cfg.out}/ ({e.strerror or one_line(e)}); every file already there is "
-            f"complete; free space and resume with: {resume_command(cfg)}",
-            file=sys.stderr,
-        )
-        return EXIT_CODES["cannot write"]
-    if ranks.main:
-        print("\n" + summary)
-        took = f"{times['wall_time_s'] / 60:.1f} min"
-        if "wall_time_this_process_s" in times:
-            took += f" ({times['wall_time_this_process_s'] / 60:.1f} min in this process)"
-        print(f"lot_improved: finished in {took}; outputs in {out}/", file=sys.stderr)
-        show_inline(figures)
-    return EXIT_CODES["finished"]
 
 
 def gather_rows(rows: list[dict], ranks: Ranks) -> Optional[list[dict]]:

@@ -95,7 +95,7 @@ def test_late_rewind_point_is_the_weights_after_k_iterations_and_the_ticket_rest
     train, test = mnist
     train = lot.Split(train.x[:600], train.y[:600])
     cfg = cfg_of("--rounds", "0", "--epochs", "1", "--rewind-to", "4it", "--trials", "2")
-    state = lot.run_experiment(cfg, train, test, CPU, lot.fresh_state(cfg), progress=False)
+    state = lot.run_experiment(lot.make_plan(cfg, len(train.y) - cfg.val_size), train, test, lot.fresh_state(cfg), progress=False)
 
     # the same 4 steps by hand, on one trial's ticket alone
     net = lot.LeNetStack(1, 1, CPU)
@@ -110,7 +110,7 @@ def test_late_rewind_point_is_the_weights_after_k_iterations_and_the_ticket_rest
     cfg1 = cfg_of("--rounds", "1", "--epochs", "1", "--rewind-to", "4it", "--trials", "2")
     stack = lot.LeNetStack(2 * 3, 3, CPU)
     stack.load(state.params)
-    lot.begin_round(cfg1, state, stack, lot.generators(state.control_rng))
+    lot.begin_round(lot.make_plan(cfg1, len(train.y)), state, stack, lot.generators(state.control_rng))
     names = lot.variants(cfg1)
     for t in range(2):
         late = lot.member_masks(cfg1, state, t, "late_rewind", 1)
