@@ -41,8 +41,8 @@ import io
 import json
 import math
 import os
-import platform
 import pickle
+import platform
 import re
 import shlex
 import signal
@@ -50,9 +50,10 @@ import sys
 import threading
 import time
 import typing
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -85,7 +86,7 @@ class Config:
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     batch_size: int = field(default=60, metadata={"help": "minibatch size"})
     epochs: int = field(default=20, metadata={"help": "training epochs per round"})
-    iterations: Optional[int] = field(
+    iterations: int | None = field(
         default=None, metadata={"help": "training length per round in iterations, instead of --epochs"}
     )
     rounds: int = field(default=20, metadata={"help": "pruning rounds after the dense round 0 (rounds+1 trainings)"})
@@ -95,7 +96,7 @@ class Config:
     scope: str = field(
         default="global", metadata={"help": "global (one ranking across fc1, fc2, fc3) | layer (a rate per layer)"}
     )
-    layer_rates: Optional[str] = field(
+    layer_rates: str | None = field(
         default=None,
         metadata={"help": "with --scope layer: prune rates of fc1,fc2,fc3, or one for all (default: --prune-rate)"},
     )
@@ -135,11 +136,11 @@ class Config:
     eval_every: int = field(
         default=100, metadata={"help": "with --val-size: evaluate validation and test sets every N iterations"}
     )
-    transfer: Optional[str] = field(
+    transfer: str | None = field(
         default=None,
         metadata={"help": "fashion-mnist: after the rounds, retrain every round's ticket mask on Fashion-MNIST"},
     )
-    transfer_data: Optional[str] = field(
+    transfer_data: str | None = field(
         default=None, metadata={"help": "npz for --transfer (same keys as mnist.npz); else torchvision downloads it"}
     )
     seed: int = field(default=0, metadata={"help": "master seed: W0, controls and data order derive from it"})
@@ -150,7 +151,7 @@ class Config:
         default="data",
         metadata={"help": "folder holding mnist.npz (or the npz itself); else torchvision downloads MNIST here"},
     )
-    train_subset: Optional[int] = field(
+    train_subset: int | None = field(
         default=None, metadata={"help": "train on the first N training images only (quick runs, tests)"}
     )
     data_parallel: bool = field(
@@ -308,7 +309,7 @@ class Plan:
     n_train: int
     epoch_steps: int
     round_steps: int
-    late_rewind_step: Optional[int]
+    late_rewind_step: int | None
 
     @property
     def epochs(self) -> int:
@@ -339,7 +340,7 @@ def variants(cfg: Config) -> tuple[str, ...]:
     )
 
 
-def resolve_device(spec: str, local_rank: Optional[int] = None) -> torch.device:
+def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     """The training device. Under torchrun (local_rank given) CUDA means this worker's own GPU."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
@@ -428,7 +429,7 @@ def load_torchvision(root: Path) -> tuple[np.ndarray, ...]:
     return arrays
 
 
-def find_npz(data_dir: str) -> Optional[Path]:
+def find_npz(data_dir: str) -> Path | None:
     given = Path(data_dir)
     candidates = [given] if given.suffix == ".npz" else [given / NPZ_NAME]
     if data_dir == Config.data_dir:
@@ -483,7 +484,7 @@ def fingerprint(arrays: Sequence[np.ndarray]) -> str:
 
 
 def to_splits(
-    arrays: Sequence[np.ndarray], device: torch.device, train_subset: Optional[int] = None, own_stats: bool = False
+    arrays: Sequence[np.ndarray], device: torch.device, train_subset: int | None = None, own_stats: bool = False
 ) -> tuple[Split, Split]:
     """Normalised tensors on the device. MNIST uses its standard constants; another dataset
     (own_stats) the mean and std of its own training pixels."""
@@ -493,11 +494,13 @@ def to_splits(
             raise UsageError(f"--train-subset {train_subset} exceeds the {len(x_tr)} training images")
         x_tr, y_tr = x_tr[:train_subset], y_tr[:train_subset]
     mean, std = (float(x_tr.mean()) / 255.0, float(x_tr.std()) / 255.0) if own_stats else (MNIST_MEAN, MNIST_STD)
-    as_split = lambda x, y: Split(normalise(x, mean, std).to(device), torch.from_numpy(y.astype(np.int64)).to(device))
-    return as_split(x_tr, y_tr), as_split(x_te, y_te)
+    labels = [torch.from_numpy(y.astype(np.int64)).to(device) for y in (y_tr, y_te)]
+    return Split(normalise(x_tr, mean, std).to(device), labels[0]), Split(
+        normalise(x_te, mean, std).to(device), labels[1]
+    )
 
 
-def load_mnist(data_dir: str, device: torch.device, train_subset: Optional[int] = None) -> tuple[Split, Split]:
+def load_mnist(data_dir: str, device: torch.device, train_subset: int | None = None) -> tuple[Split, Split]:
     return to_splits(load_mnist_arrays(data_dir), device, train_subset)
 
 
@@ -572,7 +575,7 @@ def lenet_backward(
     h2: Tensor,
     logp: Tensor,
     dloss: Tensor | float,
-    out: Optional[Sequence[Tensor]] = None,
+    out: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """Gradients [dw1, dw2, dw3, db1, db2, db3] of sum(dloss * per-sample loss): six batched
     matmuls. Consumes logp. out: optional buffers for the six gradients (saves allocations)."""
@@ -590,8 +593,9 @@ class _StackedLeNetLoss(torch.autograd.Function):
     """The same maths behind autograd, for nn.DataParallel, which needs a differentiable forward."""
 
     @staticmethod
-    def forward(ctx, x, y, w1, w2, w3, b1, b2, b3):
-        h1, h2, logp = lenet_forward(x, (w1, w2, w3), (b1, b2, b3))
+    def forward(ctx, x, y, *params):  # params: w1, w2, w3, b1, b2, b3
+        (w1, w2, w3), biases = params[:3], params[3:]
+        h1, h2, logp = lenet_forward(x, (w1, w2, w3), biases)
         ctx.save_for_backward(x, y, w2, w3, h1, h2, logp)
         return nll(logp, y)
 
@@ -634,7 +638,7 @@ class LeNetStack(nn.Module):
         self._w, self._b = tuple(self.weights), tuple(self.biases)
         self._graphs: dict = {}  # CUDA graphs captured on these buffers (step_graph); a re-pack drops them
 
-    def _apply(self, fn: Callable, recurse: bool = True) -> "LeNetStack":
+    def _apply(self, fn: Callable, recurse: bool = True) -> LeNetStack:
         super()._apply(fn, recurse)  # .to(), .double(), ...: new tensors, so pack them again
         self._pack()
         return self
@@ -654,7 +658,7 @@ class LeNetStack(nn.Module):
         per = self.members if t.shape[0] == 1 else self.members_per_trial
         return t.unsqueeze(1).expand(t.shape[0], per, *t.shape[1:]).reshape(self.members, *t.shape[1:])
 
-    def forward(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         xm = self.per_member(x)
         if y is None:
             return lenet_forward(xm, self.weights, self.biases)[2]
@@ -776,7 +780,7 @@ class MaskedSGD:
         self.param, self.grad = net.flat, net.flat_grad
         self.buf = torch.zeros_like(self.param)
         self.bufs = views_like(self.buf, [*net.weights, *net.biases])  # per parameter, for checkpoints
-        self.mask: Optional[Tensor] = None
+        self.mask: Tensor | None = None
         self.set_masks(masks)
         self.lr, self.momentum = lr, momentum
         self.steps = 0
@@ -915,7 +919,7 @@ class StepGraph:
         opt.steps += 1
 
 
-def step_graph(net: nn.Module, opt: MaskedSGD, train: Split, shape: tuple[int, int]) -> Optional[StepGraph]:
+def step_graph(net: nn.Module, opt: MaskedSGD, train: Split, shape: tuple[int, int]) -> StepGraph | None:
     """The stack's graph for this optimiser, data and batch shape (captured once), where one
     applies: CUDA and the stacked fast path (not nn.DataParallel)."""
     stack = unwrap(net)
@@ -933,19 +937,19 @@ def train_epoch(
     train: Split,
     order: Tensor,
     batch_size: int,
-    first_step: int = 0,
-    loss_sum: Optional[Tensor] = None,
+    steps: range | None = None,
+    loss_sum: Tensor | None = None,
     stop: Callable[[], bool] = lambda: False,
-    until: Optional[int] = None,
 ) -> tuple[Tensor, int]:
-    """Steps first_step .. until-1 of one epoch (batches are slices of order [trials, n]) for
-    every member; until defaults to the whole epoch.
+    """The given steps of one epoch (default: all of it; batches are slices of order [trials, n])
+    for every member.
 
-    Returns the per-member sum of training losses (added to loss_sum) and the next step: until,
-    or fewer if stop() asked to pause. Nothing here reads a tensor back to the host, so GPU
-    steps queue without waiting; on CUDA each full batch is one graph replay (StepGraph)."""
+    Returns the per-member sum of training losses (added to loss_sum) and the next step: the end
+    of steps, or earlier if stop() asked to pause. Nothing here reads a tensor back to the host,
+    so GPU steps queue without waiting; on CUDA each full batch is one graph replay (StepGraph)."""
     stack = unwrap(net)
-    until = math.ceil(order.shape[1] / batch_size) if until is None else until
+    steps = range(math.ceil(order.shape[1] / batch_size)) if steps is None else steps
+    first_step, until = steps.start, steps.stop
     total = torch.zeros(stack.members, device=order.device) if loss_sum is None else loss_sum
     graph = step_graph(net, opt, train, (order.shape[0], batch_size)) if first_step < until else None
     if graph is not None:  # the graph adds into its own buffer; eager steps add to the same one
@@ -1030,7 +1034,7 @@ class RunState:
     params: list[Tensor] = field(default_factory=list)  # per parameter [members, ...]: current weights
     opt_state: list[Tensor] = field(default_factory=list)  # the optimiser's buffers
     opt_steps: int = 0
-    loss_sum: Optional[Tensor] = None  # training-loss sum of the epoch in progress
+    loss_sum: Tensor | None = None  # training-loss sum of the epoch in progress
     rows: list[dict] = field(default_factory=list)  # results.csv
     curves: list[dict] = field(default_factory=list)  # curves.csv
     evals: list[dict] = field(default_factory=list)  # validation.csv (with --val-size)
@@ -1046,18 +1050,21 @@ class Diverged(Exception):
     """A member's loss became NaN or infinite; the previous epoch's checkpoint is the last good one."""
 
 
-def fresh_state(cfg: Config, trials: Optional[Sequence[int]] = None) -> RunState:
+def fresh_state(cfg: Config, trials: Sequence[int] | None = None) -> RunState:
     """Round 0 of the given trials (all by default). A trial's ids seed all its random streams,
     so trial 2 is the same run in one process or on the third torchrun rank."""
     trials = list(range(cfg.trials) if trials is None else trials)
     w0 = [default_init(make_generator(cfg.seed, t, "init"), cfg.init) for t in trials]
-    alive = lambda: [torch.full((len(trials), o, i), NEVER, dtype=torch.int32) for o, i in SHAPES]
     return RunState(
         round=0,
         epoch=1,
         step=0,
         w0=[torch.stack([w[i] for w in w0]) for i in range(len(w0[0]))],
-        pruned_at={v: alive() for v in variants(cfg) if v in ITERATIVE},
+        pruned_at={
+            v: [torch.full((len(trials), o, i), NEVER, dtype=torch.int32) for o, i in SHAPES]
+            for v in variants(cfg)
+            if v in ITERATIVE
+        },
         control_rng=[make_generator(cfg.seed, t, "control").get_state() for t in trials],
         data_rng=[make_generator(cfg.seed, t, "data").get_state() for t in trials],
         trials=trials,
@@ -1216,7 +1223,7 @@ class Position:
 
     epoch: int = 1
     step: int = 0
-    loss_sum: Optional[Tensor] = None
+    loss_sum: Tensor | None = None
 
 
 @dataclass
@@ -1235,7 +1242,7 @@ class Trainee:
         return epoch_order(self.index, self.data_gens, self.train.x.device)
 
 
-def round_schedule(plan: Plan, epoch: int, rewind_step: Optional[int]) -> list[tuple[int, str]]:
+def round_schedule(plan: Plan, epoch: int, rewind_step: int | None) -> list[tuple[int, str]]:
     """What happens inside an epoch of a round, computed up front: (step of the epoch, event) in
     order. "rewind": take the late-rewind point (round 0, iteration rewind_step); "eval": evaluate
     validation and test sets (every --eval-every iterations and at the round's end, with
@@ -1271,7 +1278,14 @@ def train_round(
             if until < at.step:  # passed before a pause
                 continue
             at.loss_sum, at.step = train_epoch(
-                trainee.net, trainee.opt, trainee.train, order, plan.cfg.batch_size, at.step, at.loss_sum, stop, until
+                trainee.net,
+                trainee.opt,
+                trainee.train,
+                order,
+                plan.cfg.batch_size,
+                range(at.step, until),
+                at.loss_sum,
+                stop,
             )
             if at.step < until:
                 raise Paused(f"epoch {epoch}, step {at.step}/{plan.steps_in(epoch)}")
@@ -1359,7 +1373,9 @@ class Experiment:
         rewinding = state.round == 0 and "late_rewind" in self.plan.names and not state.rewind_point
         return round_schedule(self.plan, epoch, self.plan.late_rewind_step if rewinding else None)
 
-    def run_round(self, on_epoch: Callable[[Callable[[], RunState], str], None], stop: Callable[[], bool], bar: Any) -> None:
+    def run_round(
+        self, on_epoch: Callable[[Callable[[], RunState], str], None], stop: Callable[[], bool], bar: Any
+    ) -> None:
         """One round: prune and rewind (unless resuming inside it), train it, record its rows."""
         state, plan, opt = self.state, self.plan, self.trainee.opt
         if state.epoch == 1 and state.step == 0:
@@ -1372,8 +1388,16 @@ class Experiment:
         try:
             for loss_sum in train_round(self.trainee, plan, at, self.schedule, self.on_event, stop):
                 stats = self.epoch_stats(at.epoch, loss_sum)
-                bar.set_postfix({"round": state.round, "epoch": f"{at.epoch}/{plan.epochs}", **last_accuracies(plan.names, stats[2], masks[0])})
-                state.curves += member_records(plan.names, self.trials, stats, state.round, lambda m: {"epoch": at.epoch})
+                bar.set_postfix(
+                    {
+                        "round": state.round,
+                        "epoch": f"{at.epoch}/{plan.epochs}",
+                        **last_accuracies(plan.names, stats[2], masks[0]),
+                    }
+                )
+                state.curves += member_records(
+                    plan.names, self.trials, stats, state.round, lambda m: {"epoch": at.epoch}
+                )
                 state.evals += self.eval_records()
                 state.data_rng = [g.get_state() for g in self.trainee.data_gens]
                 state.step, state.loss_sum = 0, None
@@ -1410,7 +1434,9 @@ def run_experiment(
     and may call snapshot() for the state with the members' weights copied in, to save it."""
     experiment = Experiment(plan, train, test, state)
     bar_options = {} if progress else {"disable": True}  # else TQDM_DISABLE decides
-    with tqdm(total=plan.cfg.rounds + 1, initial=state.round, desc="rounds", unit="round", dynamic_ncols=True, **bar_options) as bar:
+    with tqdm(
+        total=plan.cfg.rounds + 1, initial=state.round, desc="rounds", unit="round", dynamic_ncols=True, **bar_options
+    ) as bar:
         while state.round <= plan.cfg.rounds:
             experiment.run_round(on_epoch, stop, bar)  # prune and rewind, train, record
             state.round, state.epoch = state.round + 1, 1
@@ -1441,7 +1467,8 @@ def run_transfer(cfg: Config, state: RunState, train: Split, test: Split, progre
     trainee = Trainee(stack, opt, train, len(train.y), [make_generator(cfg.seed, t, "transfer", 0) for t in trials])
     at, bar_options = Position(), {} if progress else {"disable": True}
     with tqdm(total=plan.epochs, desc="transfer", unit="epoch", dynamic_ncols=True, **bar_options) as bar:
-        for loss_sum in train_round(trainee, plan, at, lambda e: [(plan.steps_in(e), "end")], print, lambda: False):
+        for epoch_loss in train_round(trainee, plan, at, lambda e: [(plan.steps_in(e), "end")], print, lambda: False):
+            loss_sum = epoch_loss
             bar.update()
     test_loss, test_acc = evaluate(stack, test)
     samples = min(plan.steps_in(plan.epochs) * cfg.batch_size, plan.n_train)
@@ -1507,7 +1534,7 @@ class RankLost(Exception):
     """Another torchrun process stopped (failed, or was stopped by a signal) while this one waited."""
 
 
-def gather_objects(obj: Any, ranks: Ranks) -> Optional[list]:
+def gather_objects(obj: Any, ranks: Ranks) -> list | None:
     """obj of every rank, in rank order, on rank 0 (None elsewhere). A collective."""
     parts = [None] * ranks.world if ranks.main else None
     try:
@@ -1517,7 +1544,17 @@ def gather_objects(obj: Any, ranks: Ranks) -> Optional[list]:
     return parts
 
 
-def gather_states(state: RunState, ranks: Ranks) -> Optional[RunState]:
+def cat(parts: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """Per-trial tensors of several ranks, joined along the trial dimension."""
+    return [torch.cat(ts) for ts in zip(*parts)] if parts[0] else []
+
+
+def ordered(parts: Sequence[Sequence[dict]], *fields: str) -> list[dict]:
+    """Several ranks' rows as one process writes them: sorted (stably) by the given fields."""
+    return sorted((r for rows in parts for r in rows), key=lambda r: [r[f] for f in fields])
+
+
+def gather_states(state: RunState, ranks: Ranks) -> RunState | None:
     """Every rank's finished work, merged on rank 0 in a single process's order (None elsewhere).
     Alone, the state itself. A collective: every rank calls it at the same point."""
     if ranks.world == 1:
@@ -1525,10 +1562,6 @@ def gather_states(state: RunState, ranks: Ranks) -> Optional[RunState]:
     parts = gather_objects(outputs_view(state), ranks)
     if not ranks.main:
         return None
-    cat = lambda lists: [torch.cat(ts) for ts in zip(*lists)] if lists[0] else []
-    ordered = lambda key, *fields: sorted(
-        (r for p in parts for r in getattr(p, key)), key=lambda r: [r[f] for f in fields]
-    )
     return dataclasses.replace(
         parts[0],
         round=min(p.round for p in parts),
@@ -1537,9 +1570,9 @@ def gather_states(state: RunState, ranks: Ranks) -> Optional[RunState]:
         rewind_point=cat([p.rewind_point for p in parts]),
         dense=cat([p.dense for p in parts]),
         trials=[t for p in parts for t in p.trials],
-        rows=ordered("rows", "round", "trial"),  # stable: variants stay in their order
-        curves=ordered("curves", "round", "epoch", "trial"),
-        evals=ordered("evals", "round", "iteration", "trial"),
+        rows=ordered([p.rows for p in parts], "round", "trial"),  # stable: variants stay in their order
+        curves=ordered([p.curves for p in parts], "round", "epoch", "trial"),
+        evals=ordered([p.evals for p in parts], "round", "iteration", "trial"),
     )
 
 
@@ -1636,7 +1669,9 @@ def load_ticket(out: str | Path, round: int, trial: int = 0, variant: str = "tic
         trained = sorted({"ticket", *(k.split(".")[0] for k in masks if k.count(".") == 1)})
         raise ValueError(f"no masks of variant {variant!r} in {out}/masks.pt (it has {', '.join(trained)})")
     if not (0 <= round < masks["fc1"].shape[1] and 0 <= trial < masks["fc1"].shape[0]):
-        raise ValueError(f"{out}/masks.pt holds rounds 0..{masks['fc1'].shape[1] - 1}, trials 0..{masks['fc1'].shape[0] - 1}")
+        raise ValueError(
+            f"{out}/masks.pt holds rounds 0..{masks['fc1'].shape[1] - 1}, trials 0..{masks['fc1'].shape[0] - 1}"
+        )
     weights = "late_rewind." if variant == "late_rewind" else ""
     layers = []
     for layer in LAYERS:
@@ -1727,10 +1762,8 @@ def summary_markdown(rows: pd.DataFrame) -> str:
         cells = [str(r["round"]), f"{r['weights_pct']:.2f}%"]
         for c in columns:
             if c == "delta":
-                signed = lambda v: f"{v:+.2f}"
                 cells.append(
-                    signed(r["delta_mean"])
-                    + (f" [{signed(r['delta_lo'])}, {signed(r['delta_hi'])}]" if trials > 1 else "")
+                    f"{r['delta_mean']:+.2f}" + (f" [{r['delta_lo']:+.2f}, {r['delta_hi']:+.2f}]" if trials > 1 else "")
                 )
             else:
                 cells.append(fmt(r[f"{c}_mean"], r[f"{c}_std"]))
@@ -1778,6 +1811,7 @@ FIGURES = (
     ("rewind.png", ("ticket", "late_rewind", "control"), "late_rewind", "rewind to W0 vs late rewinding"),
 )
 COLORS = dict(zip(LABELS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
+COLORS["reinit"] = COLORS["control"]  # the transfer's fresh-init control
 
 
 def plot_vs_weights(
@@ -1788,8 +1822,7 @@ def plot_vs_weights(
     ylabel: str,
     title: str,
     xlabel: str = "weights remaining (%)",
-    palette: Optional[dict] = None,
-    reference: Optional[tuple[float, str]] = None,
+    reference: tuple[float, str] | None = None,
 ) -> None:
     """One line per variant (mean, with a ± sd band over trials) against weights remaining on a
     reversed log axis, 100% on the left; reference adds a labelled horizontal line."""
@@ -1804,7 +1837,7 @@ def plot_vs_weights(
         y=y,
         hue="variant",
         hue_order=shown,
-        palette=palette or COLORS,
+        palette=COLORS,
         marker="o",
         errorbar="sd" if trials > 1 else None,
         ax=ax,
@@ -1837,12 +1870,24 @@ def plot_early_stopping(rows: pd.DataFrame, path: Path) -> None:
     stops = per_trial(rows, ["variant", "trial", "round"], ["weights_pct", "early_stop_iter", "early_stop_test_acc"])
     fig = Figure(figsize=(11, 4.2), dpi=150)
     axes = fig.subplots(1, 2)
-    panels = (("early_stop_iter", "early-stop iteration (min. validation loss)"), ("early_stop_test_acc", "test accuracy at early stop (%)"))
+    panels = (
+        ("early_stop_iter", "early-stop iteration (min. validation loss)"),
+        ("early_stop_test_acc", "test accuracy at early stop (%)"),
+    )
     for ax, (column, label) in zip(axes, panels):
         for variant in [v for v in LABELS if v in set(stops.variant)]:
             g = stops[stops.variant == variant].groupby("round")
             pct, mean, low, high = g.weights_pct.mean(), g[column].mean(), g[column].min(), g[column].max()
-            ax.errorbar(pct, mean, yerr=[mean - low, high - mean], marker="o", ms=3, capsize=2, color=COLORS[variant], label=LABELS[variant])
+            ax.errorbar(
+                pct,
+                mean,
+                yerr=[mean - low, high - mean],
+                marker="o",
+                ms=3,
+                capsize=2,
+                color=COLORS[variant],
+                label=LABELS[variant],
+            )
         ax.set_xscale("log")
         ax.set_xlim(100 * 1.15, stops.weights_pct.min() / 1.15)
         percent_log_axis(ax.xaxis, stops.weights_pct.min())
@@ -1890,7 +1935,9 @@ def plot_over_iterations(evals: pd.DataFrame, rows: pd.DataFrame, path: Path) ->
     axes[0].set_ylabel("test accuracy (%)")
     low = curves.test_acc.quantile(0.02) if len(curves) else 90
     axes[0].set_ylim(max(low - 1, 0), min(curves.test_acc.max() + 0.5, 100) if len(curves) else 100)
-    fig.suptitle(f"Test accuracy during training (paper's Figure 3), mean over {rows.trial.nunique()} trial(s)", fontsize=10)
+    fig.suptitle(
+        f"Test accuracy during training (paper's Figure 3), mean over {rows.trial.nunique()} trial(s)", fontsize=10
+    )
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp))
 
@@ -1940,9 +1987,10 @@ def plot_pixels(masks: dict[str, Tensor], path: Path) -> None:
             kept = fc1[0, r].float()  # [300, 784]
             relative = kept.mean(0) / kept.mean()
             image = ax.imshow(relative.view(28, 28).numpy(), vmin=0, vmax=3, cmap="magma")
-            ax.set_title(f"{label}, round {r}\n{100 * kept.mean():.1f}% of fc1", fontsize=8)
+            ax.set_title(f"round {r}: {100 * kept.mean():.1f}% of fc1", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
+        row[0].set_ylabel(label)
     fig.colorbar(image, ax=axes, shrink=0.8, label="connections kept / fc1's mean")
     fig.suptitle("Which input pixels fc1 keeps (trial 0)", fontsize=10)
     atomic_write(path, lambda tmp: fig.savefig(tmp))
@@ -2056,11 +2104,12 @@ def config_differences(saved: dict, cfg: Config) -> list[str]:
     a setting the saved run predates counts as its default."""
     now, defaults = dataclasses.asdict(cfg), dataclasses.asdict(Config())
     then = {k: saved.get(k, defaults[k]) for k in now}
-    extends = lambda k: k == "rounds" and isinstance(then[k], int) and now[k] >= then[k]
     return [
         f"--{k.replace('_', '-')} {now[k]} (the run in --out has {then[k]})"
         for k in now
-        if k not in RESUME_NEUTRAL and then[k] != now[k] and not extends(k)
+        if k not in RESUME_NEUTRAL
+        and then[k] != now[k]
+        and not (k == "rounds" and isinstance(then[k], int) and now[k] >= then[k])
     ]
 
 
@@ -2102,7 +2151,7 @@ def load_checkpoint(out: Path, name: str = CHECKPOINT) -> tuple[RunState, dict]:
     return state, meta
 
 
-def read_config_json(out: Path) -> Optional[dict]:
+def read_config_json(out: Path) -> dict | None:
     try:
         return json.loads((out / "config.json").read_text())
     except (OSError, ValueError):
@@ -2156,7 +2205,7 @@ class StopSignal:
     signal stops at once (KeyboardInterrupt). Calling the object says whether a stop was asked."""
 
     def __init__(self) -> None:
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -2197,7 +2246,9 @@ def resume_command(cfg: Config) -> str:
     flags, preset = [], Config(**PRESETS[cfg.preset])
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
-        if f.name not in ("resume", "overwrite") and (value != getattr(preset, f.name) or f.name == "preset" and value != f.default):
+        if f.name not in ("resume", "overwrite") and (
+            value != getattr(preset, f.name) or f.name == "preset" and value != f.default
+        ):
             flag = "--" + f.name.replace("_", "-")
             flags += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
     if in_notebook():
@@ -2304,9 +2355,9 @@ class Job:
     state: RunState
     train: Split
     test: Split
-    transfer: Optional[tuple[Split, Split]]
+    transfer: tuple[Split, Split] | None
     data_sha: str
-    stop_signal: Optional[int] = None  # the signal that stopped training, if one did
+    stop_signal: int | None = None  # the signal that stopped training, if one did
 
     @property
     def cfg(self) -> Config:
@@ -2324,7 +2375,7 @@ def check_torchrun(cfg: Config, ranks: Ranks) -> None:
         raise UsageError(f"--trials {cfg.trials} is fewer than the {ranks.world} torchrun processes")
 
 
-def saved_run(cfg: Config, ranks: Ranks, device: torch.device) -> tuple[Optional[RunState], dict]:
+def saved_run(cfg: Config, ranks: Ranks, device: torch.device) -> tuple[RunState | None, dict]:
     """With --resume: the checkpointed state (None if the run was stopped before its first
     checkpoint) and what the run in --out recorded, refusing settings that would change it."""
     out, name = Path(cfg.out), checkpoint_name(ranks)
@@ -2378,7 +2429,7 @@ class Session:
     def __init__(self, job: Job, started: float):
         self.job, self.started = job, started
         self.earlier_s = job.state.elapsed_s  # spent by the processes this one resumes
-        self.merged: Optional[RunState] = None  # every rank's finished rounds, on rank 0
+        self.merged: RunState | None = None  # every rank's finished rounds, on rank 0
         self.last_save = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -2387,12 +2438,23 @@ class Session:
     def timing(self) -> dict[str, float]:
         """A resumed run reports its whole time, and this process's."""
         this = round(time.perf_counter() - self.started, 1)
-        return {"wall_time_s": round(self.elapsed(), 1), **({"wall_time_this_process_s": this} if self.earlier_s else {})}
+        return {
+            "wall_time_s": round(self.elapsed(), 1),
+            **({"wall_time_this_process_s": this} if self.earlier_s else {}),
+        }
 
     def config(self, status: str, **extra: Any) -> None:
         job = self.job
         if job.ranks.main:
-            write_config(job.cfg, job.device, job.out, status=status, data_sha256=job.data_sha, world_size=job.ranks.world, **extra)
+            write_config(
+                job.cfg,
+                job.device,
+                job.out,
+                status=status,
+                data_sha256=job.data_sha,
+                world_size=job.ranks.world,
+                **extra,
+            )
 
     def tables(self, state: RunState) -> None:
         """A collective under torchrun: rank 0 gathers and writes."""
@@ -2419,7 +2481,8 @@ def announce(job: Job) -> None:
         f"lot_improved: {cfg.trials} trial(s) x {len(variants(cfg))} variants"
         + (f" on {ranks.world} processes" if ranks.world > 1 else "")
         + f", {cfg.rounds + 1} rounds x {length} on {len(job.train.y) - cfg.val_size} images, device {job.device}, "
-        f"writing to {job.out}/" + (f", resuming at round {job.state.round} epoch {job.state.epoch}" if cfg.resume else ""),
+        f"writing to {job.out}/"
+        + (f", resuming at round {job.state.round} epoch {job.state.epoch}" if cfg.resume else ""),
         file=sys.stderr,
     )
 
@@ -2440,7 +2503,6 @@ def transfer_outputs(job: Job, state: RunState) -> list[Path]:
         "Fashion-MNIST test accuracy (%)",
         "MNIST tickets retrained on Fashion-MNIST",
         xlabel="weights remaining (%), masks found on MNIST",
-        palette={"ticket": COLORS["ticket"], "reinit": COLORS["control"]},
         reference=(dense, "dense (round 0 ticket)"),
     )
     return [job.out / "transfer.png"]
@@ -2450,16 +2512,28 @@ class Stopped(Exception):
     """Training ended early on purpose: a signal, or the other torchrun processes being stopped."""
 
 
-def stop_reason(e: BaseException, job: Job, signum: Optional[int]) -> tuple[str, str]:
+def stop_reason(e: BaseException, job: Job, signum: int | None) -> tuple[str, str]:
     """How each way of ending early is reported: (EXIT_CODES key, the one line printed)."""
     resume = resume_command(job.cfg)
     signal_name = signal.Signals(signum or signal.SIGINT).name
     if isinstance(e, Paused):
-        return signal_name, f"{job.who}: {signal_name}: stopped, {job.state.round} round(s) finished, checkpoint at {e}; resume with: {resume}"
+        return (
+            signal_name,
+            f"{job.who}: {signal_name}: stopped, {job.state.round} round(s) finished, checkpoint at {e}; "
+            f"resume with: {resume}",
+        )
     if isinstance(e, KeyboardInterrupt):
-        return signal_name, f"{job.who}: {signal_name}: stopped, {job.state.round} round(s) finished, last checkpoint kept; resume with: {resume}"
+        return (
+            signal_name,
+            f"{job.who}: {signal_name}: stopped, {job.state.round} round(s) finished, last checkpoint kept; "
+            f"resume with: {resume}",
+        )
     if isinstance(e, Stopped):
-        return signal_name, f"{job.who}: {signal_name}: stopped while waiting for the other processes; every checkpoint is complete; resume with: {resume}"
+        return (
+            signal_name,
+            f"{job.who}: {signal_name}: stopped while waiting for the other processes; every checkpoint is "
+            f"complete; resume with: {resume}",
+        )
     if isinstance(e, Diverged):
         return "diverged", f"{job.who}: error: {e}; finished rounds and the last good checkpoint are kept in {job.out}/"
     if isinstance(e, RankLost):
@@ -2539,7 +2613,7 @@ def report_stop(e: BaseException, job: Job, session: Session) -> int:
     return EXIT_CODES[code]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, validate, prepare, run, write. argv defaults to the command line (in a
     notebook, none); returns the exit code (EXIT_CODES) instead of exiting. Bad input is found
     before anything in --out is touched. Under torchrun every rank runs this on its own trials;
@@ -2568,7 +2642,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             dist.destroy_process_group()
 
 
-def gather_rows(rows: list[dict], ranks: Ranks) -> Optional[list[dict]]:
+def gather_rows(rows: list[dict], ranks: Ranks) -> list[dict] | None:
     """Every rank's rows on rank 0, in rank (= trial) order; None elsewhere."""
     if ranks.world == 1:
         return rows

@@ -36,7 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import lot_improved as lot  # noqa: E402
 
-
 IDX_FILES = {
     "train-images-idx3-ubyte": "x_train",
     "train-labels-idx1-ubyte": "y_train",

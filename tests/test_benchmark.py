@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from benchmarks.epoch_throughput import STEP_FLOP_PER_SAMPLE
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import ROOT, SCRIPT, lot, synthetic_arrays
 
 TINY = ["--train-subset", "600", "--rounds", "2", "--epochs", "2"]
@@ -239,6 +238,8 @@ def test_pasted_into_a_notebook_cell_it_runs_shows_plots_and_never_raises_system
     assert len(pd.read_csv(tmp_path / "results" / "results.csv")) == 21 * 2
     assert shown == [str(Path("results") / f) for f in ("graph_improved.png", "layers.png", "pixels.png")]
     assert cell["main"](["--rounds", "0"]) == 2  # bad input: a return code, no SystemExit
+
+
 def test_run_from_another_folder_finds_the_bundled_data(tmp_path):
     proc = run_cli(*TINY, "--rounds", "1", "--epochs", "1", "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -4,9 +4,9 @@ when its files are there and fails with one helpful line when they are not."""
 import numpy as np
 import pytest
 import torch
+from conftest import MNIST_NPZ, lot, synthetic_arrays
 
 from benchmarks.epoch_throughput import write_idx
-from conftest import MNIST_NPZ, lot, synthetic_arrays
 
 
 def test_bundled_npz_is_real_mnist_normalised_with_the_standard_constants(mnist):

@@ -10,7 +10,6 @@ import signal
 import numpy as np
 import pytest
 import torch
-
 from conftest import MNIST_NPZ, lot, synthetic_arrays
 
 RUN = ["--train-subset", "600", "--rounds", "2", "--epochs", "2"]

@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import lot
+from torch import nn
 
 
 def sequential_lenet() -> nn.Sequential:

@@ -7,9 +7,8 @@ import re
 import nbformat
 import numpy as np
 import pytest
-from nbclient import NotebookClient
-
 from conftest import ROOT, SCRIPT, synthetic_arrays
+from nbclient import NotebookClient
 
 
 def readme_notebook_call() -> str:

@@ -2,9 +2,8 @@
 
 import torch
 import torch.nn.utils.prune as prune
-from torch import nn
-
 from conftest import lot
+from torch import nn
 
 PAPER_COUNTS = [
     266200,

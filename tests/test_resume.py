@@ -11,7 +11,6 @@ import time
 import pandas as pd
 import pytest
 import torch
-
 from conftest import ROOT, SCRIPT, lot
 
 # Long enough (2,400 steps, about 2 s of training) for kills to land mid-training.

@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import lot
 
 TINY = ["--train-subset", "1200", "--rounds", "2", "--epochs", "2"]
@@ -70,7 +69,9 @@ def test_ticket_and_control_train_only_on_the_trials_training_images(mnist, monk
 
     monkeypatch.setattr(lot, "train_epoch", spy)
     small = lot.Split(train.x[:1500], train.y[:1500])
-    lot.run_experiment(lot.make_plan(cfg, len(small.y) - cfg.val_size), small, test, lot.fresh_state(cfg), progress=False)
+    lot.run_experiment(
+        lot.make_plan(cfg, len(small.y) - cfg.val_size), small, test, lot.fresh_state(cfg), progress=False
+    )
     index, val = lot.validation_split(0, 2, 1500, 300)
     for t in range(2):
         used = set(torch.cat([o[t] for o in seen]).tolist())
@@ -84,7 +85,9 @@ def test_an_epoch_that_ends_on_an_evaluation_reuses_it_instead_of_testing_twice(
     real = lot.evaluate
     monkeypatch.setattr(lot, "evaluate", lambda net, data: calls.append(data is test) or real(net, data))
     small = lot.Split(train.x[:1500], train.y[:1500])  # 1,200 training images: 20 steps an epoch
-    state = lot.run_experiment(lot.make_plan(cfg, len(small.y) - cfg.val_size), small, test, lot.fresh_state(cfg), progress=False)
+    state = lot.run_experiment(
+        lot.make_plan(cfg, len(small.y) - cfg.val_size), small, test, lot.fresh_state(cfg), progress=False
+    )
     assert calls.count(True) == 4  # at iterations 10, 20, 30, 40; epochs end at 20 and 40
     for curve in state.curves:
         (point,) = [

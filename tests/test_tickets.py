@@ -4,10 +4,9 @@ lands where the engine did."""
 
 import pytest
 import torch
+from conftest import ROOT, lot
 from torch import nn
 from torch.nn.utils import prune
-
-from conftest import ROOT, lot
 
 FLAGS = ["--train-subset", "600", "--rounds", "2", "--epochs", "2", "--trials", "2"]
 

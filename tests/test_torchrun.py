@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, SCRIPT, lot
 
 FILES = ("results.csv", "curves.csv", "masks.pt", "validation.csv")

@@ -5,10 +5,9 @@ import sys
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import lot
 from test_model import random_stack
+from torch import nn
 
 
 def half_masks(members: int, seed: int = 0):

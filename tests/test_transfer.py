@@ -3,7 +3,6 @@
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import lot, synthetic_arrays
 
 TINY = ["--train-subset", "300", "--rounds", "2", "--epochs", "1"]

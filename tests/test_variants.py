@@ -7,10 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
-
 from conftest import lot
 from test_model import random_stack
+from torch import nn
 
 CPU = torch.device("cpu")
 
@@ -95,14 +94,16 @@ def test_late_rewind_point_is_the_weights_after_k_iterations_and_the_ticket_rest
     train, test = mnist
     train = lot.Split(train.x[:600], train.y[:600])
     cfg = cfg_of("--rounds", "0", "--epochs", "1", "--rewind-to", "4it", "--trials", "2")
-    state = lot.run_experiment(lot.make_plan(cfg, len(train.y) - cfg.val_size), train, test, lot.fresh_state(cfg), progress=False)
+    state = lot.run_experiment(
+        lot.make_plan(cfg, len(train.y) - cfg.val_size), train, test, lot.fresh_state(cfg), progress=False
+    )
 
     # the same 4 steps by hand, on one trial's ticket alone
     net = lot.LeNetStack(1, 1, CPU)
     net.load([w[1:2] for w in state.w0])
     opt = lot.MaskedSGD(net, [torch.ones_like(w) for w in net.weights], 0.01, 0.9)
     order = lot.epoch_order(600, [lot.make_generator(0, 1, "data")], CPU)
-    lot.train_epoch(net, opt, train, order, 60, until=4)
+    lot.train_epoch(net, opt, train, order, 60, range(4))
     for saved, mine in zip(state.rewind_point, net.parameters()):
         torch.testing.assert_close(saved[1], mine.detach()[0], rtol=1e-5, atol=1e-7)
 
