@@ -655,8 +655,8 @@ class LeNetStack(nn.Module):
 
     def per_member(self, t: Tensor) -> Tensor:
         """[T, B, ...] -> [M, B, ...]: each trial's batch for each of its members (a view if T=1)."""
-        per = self.members if t.shape[0] == 1 else self.members_per_trial
-        return t.unsqueeze(1).expand(t.shape[0], per, *t.shape[1:]).reshape(self.members, *t.shape[1:])
+        copies = self.members if t.shape[0] == 1 else self.members_per_trial
+        return t.unsqueeze(1).expand(t.shape[0], copies, *t.shape[1:]).reshape(self.members, *t.shape[1:])
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         xm = self.per_member(x)
@@ -865,7 +865,7 @@ def make_optimizer(cfg: Config, net: LeNetStack) -> MaskedSGD:
     return MaskedSGD(net, [], cfg.lr, cfg.momentum)
 
 
-def use_masks(opt: MaskedSGD, masks: Sequence[Tensor]) -> None:
+def train_on_masks(opt: MaskedSGD, masks: Sequence[Tensor]) -> None:
     """Train on these stacked boolean masks from now on: the optimiser masks the gradients."""
     opt.set_masks([m.float() for m in masks])
 
@@ -982,11 +982,11 @@ def evaluate(net: nn.Module, data: Split) -> tuple[Tensor, Tensor]:
     x, y = (data.x, data.y) if data.x.dim() == 3 else (data.x.unsqueeze(0), data.y.unsqueeze(0))  # [T or 1, N, ..]
     loss = torch.zeros(stack.members, device=x.device)
     correct = torch.zeros(stack.members, device=x.device)
-    per = stack.members if x.shape[0] == 1 else stack.members_per_trial
-    for first in range(0, stack.members, per):  # one trial's members (all members if T = 1)
-        t = first // per if x.shape[0] > 1 else 0
-        for a in range(first, first + per, EVAL_GROUP):
-            b = min(a + EVAL_GROUP, first + per)
+    group = stack.members if x.shape[0] == 1 else stack.members_per_trial  # members sharing images
+    for first in range(0, stack.members, group):  # one trial's members (all members if T = 1)
+        t = first // group if x.shape[0] > 1 else 0
+        for a in range(first, first + group, EVAL_GROUP):
+            b = min(a + EVAL_GROUP, first + group)
             for start in range(0, y.shape[1], EVAL_CHUNK):
                 xs, ys = x[t, start : start + EVAL_CHUNK], y[t, start : start + EVAL_CHUNK]
                 logp = lenet_forward(
@@ -1133,10 +1133,10 @@ def last_accuracies(names: Sequence[str], test_acc: Sequence[float], masks: Sequ
 def member_ids(names: Sequence[str], trials: Sequence[int], m: int, rnd: int) -> dict:
     """Who member m is in round rnd: trial id, round, variant and, where a variant has several
     members (reinit draws), which draw."""
-    per = len(names)
-    variant = names[m % per]
-    draw = {"draw": names[: m % per].count(variant)} if len(set(names)) < per else {}
-    return {"trial": trials[m // per], "round": rnd, "variant": variant, **draw}
+    trial, position = divmod(m, len(names))
+    variant = names[position]
+    draw = {"draw": names[:position].count(variant)} if len(set(names)) < len(names) else {}
+    return {"trial": trials[trial], "round": rnd, "variant": variant, **draw}
 
 
 def member_records(
@@ -1163,12 +1163,11 @@ def member_records(
 def check_finite(
     names: Sequence[str], trials: Sequence[int], stats: Sequence[Sequence[float]], rnd: int, epoch: int, lr: float
 ) -> None:
-    per = len(names)
     for m, (train_loss, test_loss) in enumerate(zip(stats[0], stats[1])):
         if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
             raise Diverged(
-                f"member {m} ({names[m % per]} of trial {trials[m // per]}) diverged in round {rnd}, epoch {epoch} "
-                f"(training loss {train_loss}) at --lr {lr}; try a smaller --lr"
+                f"member {m} ({names[m % len(names)]} of trial {trials[m // len(names)]}) diverged in round {rnd}, "
+                f"epoch {epoch} (training loss {train_loss}) at --lr {lr}; try a smaller --lr"
             )
 
 
@@ -1382,7 +1381,7 @@ class Experiment:
             begin_round(plan, state, self.stack, self.control_gens)
             opt.reset()
         masks = [member_masks(plan.cfg, state, t, v, state.round) for t in range(len(self.trials)) for v in plan.names]
-        use_masks(opt, stack_members(masks, self.stack.flat.device))
+        train_on_masks(opt, stack_members(masks, self.stack.flat.device))
         loss = None if state.loss_sum is None else state.loss_sum.to(self.stack.flat.device)
         at = Position(state.epoch, state.step, loss)
         try:
@@ -1449,9 +1448,10 @@ def run_transfer(cfg: Config, state: RunState, train: Split, test: Split, progre
     """Do the MNIST tickets transfer? Every finished round's ticket mask is trained on another
     dataset twice, from the trial's W0 (variant ticket) and from a fresh init (reinit), with the
     optimiser and length of an MNIST round. All of a trial's members share its batches; all are
-    stacked. Round 0's ticket is the dense network. Returns one row per member."""
-    rounds, per, trials, device = state.round, 2 * state.round, trial_ids(state), train.x.device
-    stack = LeNetStack(len(trials) * per, per, device)
+    stacked. Round 0's ticket is the dense network. Returns one row per_trial member."""
+    rounds, trials, device = state.round, trial_ids(state), train.x.device
+    per_trial = 2 * rounds  # a ticket and a reinit per_trial finished round
+    stack = LeNetStack(len(trials) * per_trial, per_trial, device)
     starts, masks = [], []
     for t, trial in enumerate(trials):
         reinit = make_generator(cfg.seed, trial, "transfer", 1)
@@ -1462,7 +1462,7 @@ def run_transfer(cfg: Config, state: RunState, train: Split, test: Split, progre
             masks += [m, m]
     stack.load(stack_members(starts, device))
     opt = make_optimizer(cfg, stack)
-    use_masks(opt, stack_members(masks, device))
+    train_on_masks(opt, stack_members(masks, device))
     plan = make_plan(dataclasses.replace(cfg, rewind_to="0it", val_size=0), len(train.y))
     trainee = Trainee(stack, opt, train, len(train.y), [make_generator(cfg.seed, t, "transfer", 0) for t in trials])
     at, bar_options = Position(), {} if progress else {"disable": True}
@@ -1477,15 +1477,15 @@ def run_transfer(cfg: Config, state: RunState, train: Split, test: Split, progre
     check_finite(names, trials, stats, -1, plan.epochs, cfg.lr)
     return [
         {
-            "trial": trials[m // per],
-            "round": (m % per) // 2,
+            "trial": trials[m // per_trial],
+            "round": (m % per_trial) // 2,
             "variant": ("ticket", "reinit")[m % 2],
             **layer_percentages(masks[m]),
             "train_loss": round(stats[0][m], 6),
             "test_loss": round(stats[1][m], 6),
             "test_acc": round(stats[2][m], 2),
         }
-        for m in range(len(trials) * per)
+        for m in range(len(trials) * per_trial)
     ]
 
 
@@ -1498,7 +1498,8 @@ class Ranks:
     local: int = 0
 
     @property
-    def main(self) -> bool:
+    def leader(self) -> bool:
+        """Rank 0: gathers every rank's work and alone writes the outputs."""
         return self.rank == 0
 
 
@@ -1536,7 +1537,7 @@ class RankLost(Exception):
 
 def gather_objects(obj: Any, ranks: Ranks) -> list | None:
     """obj of every rank, in rank order, on rank 0 (None elsewhere). A collective."""
-    parts = [None] * ranks.world if ranks.main else None
+    parts = [None] * ranks.world if ranks.leader else None
     try:
         dist.gather_object(obj, parts, dst=0)
     except RuntimeError as e:  # gloo and NCCL report a vanished peer so
@@ -1560,7 +1561,7 @@ def gather_states(state: RunState, ranks: Ranks) -> RunState | None:
     if ranks.world == 1:
         return state
     parts = gather_objects(outputs_view(state), ranks)
-    if not ranks.main:
+    if not ranks.leader:
         return None
     return dataclasses.replace(
         parts[0],
@@ -2190,7 +2191,7 @@ def prepare_out(cfg: Config, ranks: Ranks = Ranks()) -> Path:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"--out {cfg.out} is not writable ({e.strerror or one_line(e)})") from None
-    if not ranks.main:
+    if not ranks.leader:
         return out
     for name in [*OUTPUT_FILES, *(p.name for p in out.glob("checkpoint.rank*.pt"))]:
         for tmp in out.glob(f".{Path(name).stem}.tmp*{Path(name).suffix}"):  # a kill mid-write leaves one
@@ -2364,7 +2365,7 @@ class Job:
         return self.plan.cfg
 
     @property
-    def who(self) -> str:
+    def speaker(self) -> str:
         return f"lot_improved: rank {self.ranks.rank}" if self.ranks.world > 1 else "lot_improved"
 
 
@@ -2445,7 +2446,7 @@ class Session:
 
     def config(self, status: str, **extra: Any) -> None:
         job = self.job
-        if job.ranks.main:
+        if job.ranks.leader:
             write_config(
                 job.cfg,
                 job.device,
@@ -2459,7 +2460,7 @@ class Session:
     def tables(self, state: RunState) -> None:
         """A collective under torchrun: rank 0 gathers and writes."""
         self.merged = gather_states(state, self.job.ranks)
-        if self.job.ranks.main:
+        if self.job.ranks.leader:
             write_tables(self.job.cfg, self.merged, self.job.out)
 
     def save(self, snapshot: Callable[[], RunState], event: str) -> None:
@@ -2489,8 +2490,8 @@ def announce(job: Job) -> None:
 
 def transfer_outputs(job: Job, state: RunState) -> list[Path]:
     """--transfer: every round's ticket mask retrained on Fashion-MNIST; transfer.csv and its figure."""
-    rows = gather_rows(run_transfer(job.cfg, state, *job.transfer, progress=job.ranks.main), job.ranks)
-    if not job.ranks.main:
+    rows = gather_rows(run_transfer(job.cfg, state, *job.transfer, progress=job.ranks.leader), job.ranks)
+    if not job.ranks.leader:
         return []
     frame = pd.DataFrame(rows)
     atomic_write(job.out / "transfer.csv", lambda tmp: frame.to_csv(tmp, index=False))
@@ -2519,31 +2520,34 @@ def stop_reason(e: BaseException, job: Job, signum: int | None) -> tuple[str, st
     if isinstance(e, Paused):
         return (
             signal_name,
-            f"{job.who}: {signal_name}: stopped, {job.state.round} round(s) finished, checkpoint at {e}; "
+            f"{job.speaker}: {signal_name}: stopped, {job.state.round} round(s) finished, checkpoint at {e}; "
             f"resume with: {resume}",
         )
     if isinstance(e, KeyboardInterrupt):
         return (
             signal_name,
-            f"{job.who}: {signal_name}: stopped, {job.state.round} round(s) finished, last checkpoint kept; "
+            f"{job.speaker}: {signal_name}: stopped, {job.state.round} round(s) finished, last checkpoint kept; "
             f"resume with: {resume}",
         )
     if isinstance(e, Stopped):
         return (
             signal_name,
-            f"{job.who}: {signal_name}: stopped while waiting for the other processes; every checkpoint is "
+            f"{job.speaker}: {signal_name}: stopped while waiting for the other processes; every checkpoint is "
             f"complete; resume with: {resume}",
         )
     if isinstance(e, Diverged):
-        return "diverged", f"{job.who}: error: {e}; finished rounds and the last good checkpoint are kept in {job.out}/"
+        return (
+            "diverged",
+            f"{job.speaker}: error: {e}; finished rounds and the last good checkpoint are kept in {job.out}/",
+        )
     if isinstance(e, RankLost):
         return "rank lost", (
-            f"{job.who}: error: lost contact with the other torchrun processes ({one_line(e)[:160]}); every "
+            f"{job.speaker}: error: lost contact with the other torchrun processes ({one_line(e)[:160]}); every "
             f"checkpoint is complete; resume with: {resume}"
         )
     reason = e.strerror or one_line(e)  # OSError: a full disk, a vanished directory
     return "cannot write", (
-        f"{job.who}: error: cannot write to {job.cfg.out}/ ({reason}); every file already there is complete; "
+        f"{job.speaker}: error: cannot write to {job.cfg.out}/ ({reason}); every file already there is complete; "
         f"free space and resume with: {resume}"
     )
 
@@ -2552,7 +2556,7 @@ def train(job: Job, session: Session) -> RunState:
     """Every round from the job's state to the last, stopping cleanly on a signal."""
     with stop_on_signals() as stop:
         try:
-            return run_experiment(job.plan, job.train, job.test, job.state, session.save, stop, job.ranks.main)
+            return run_experiment(job.plan, job.train, job.test, job.state, session.save, stop, job.ranks.leader)
         except (Paused, KeyboardInterrupt):
             job.stop_signal = stop.signum
             raise
@@ -2571,17 +2575,17 @@ def run(job: Job, started: float) -> int:
         session.config("running")
         if job.state.round > 0:  # a kill may have come between a checkpoint and the tables
             session.tables(job.state)
-        if job.ranks.main:
+        if job.ranks.leader:
             announce(job)
         state = train(job, session)
-        summary, figures = write_outputs(pd.DataFrame(session.merged.rows), job.out) if job.ranks.main else ("", [])
+        summary, figures = write_outputs(pd.DataFrame(session.merged.rows), job.out) if job.ranks.leader else ("", [])
         if job.transfer is not None:
             figures += transfer_outputs(job, state)
         session.config("finished", **session.timing())
     except KeyboardInterrupt as e:
         if job.state.round > job.cfg.rounds:  # the MNIST rounds were done: only the transfer stopped
             print(
-                f"\n{job.who}: SIGINT: transfer stopped; the MNIST results in {job.out}/ are complete; to redo the "
+                f"\n{job.speaker}: SIGINT: transfer stopped; the MNIST results in {job.out}/ are complete; to redo the "
                 f"transfer: {resume_command(job.cfg)}",
                 file=sys.stderr,
             )
@@ -2589,7 +2593,7 @@ def run(job: Job, started: float) -> int:
         return report_stop(e, job, session)
     except (Paused, Stopped, Diverged, RankLost, OSError) as e:
         return report_stop(e, job, session)
-    if job.ranks.main:
+    if job.ranks.leader:
         print("\n" + summary)
         times = session.timing()
         took = f"{times['wall_time_s'] / 60:.1f} min"
@@ -2604,7 +2608,7 @@ def report_stop(e: BaseException, job: Job, session: Session) -> int:
     """An early end: the finished rounds' figures and config.json as they stand, then one line."""
     code, line = stop_reason(e, job, job.stop_signal)
     if isinstance(e, (Paused, KeyboardInterrupt)):
-        if job.ranks.main and (job.out / "results.csv").exists():  # the finished rounds, as written
+        if job.ranks.leader and (job.out / "results.csv").exists():  # the finished rounds, as written
             write_outputs(pd.read_csv(job.out / "results.csv"), job.out)
         session.config("interrupted", **session.timing())
     elif isinstance(e, Diverged):
@@ -2628,8 +2632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return replot(Path(cfg.out))
         job = prepare(cfg, ranks, device)
     except UsageError as e:
-        who = f"lot_improved: rank {ranks.rank}" if ranks.world > 1 else "lot_improved"
-        print(f"{who}: error: {e}", file=sys.stderr)
+        speaker = f"lot_improved: rank {ranks.rank}" if ranks.world > 1 else "lot_improved"
+        print(f"{speaker}: error: {e}", file=sys.stderr)
         return EXIT_CODES["bad input"]
     except SystemExit as e:  # argparse: --help (0)
         return int(e.code or 0)
@@ -2647,7 +2651,7 @@ def gather_rows(rows: list[dict], ranks: Ranks) -> list[dict] | None:
     if ranks.world == 1:
         return rows
     parts = gather_objects(rows, ranks)
-    return [r for p in parts for r in p] if ranks.main else None
+    return [r for p in parts for r in p] if ranks.leader else None
 
 
 if __name__ == "__main__":

@@ -44,3 +44,17 @@ def synthetic_npz(tmp_path):
     path.parent.mkdir()
     np.savez(path, **synthetic_arrays())
     return path
+
+
+TINY = ["--train-subset", "600", "--rounds", "2", "--epochs", "2"]  # a real run of a few seconds
+
+
+def refused(argv: list[str], capsys, out) -> str:
+    """main(argv) is bad input: exit code 2, exactly one error line on stderr, and nothing
+    written (out does not exist afterwards). Returns the line."""
+    capsys.readouterr()
+    assert lot.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lot_improved: error:"), err
+    assert not out.exists()
+    return err[0]

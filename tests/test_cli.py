@@ -11,9 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, SCRIPT, lot, synthetic_arrays
-
-TINY = ["--train-subset", "600", "--rounds", "2", "--epochs", "2"]
+from conftest import ROOT, SCRIPT, TINY, lot, refused, synthetic_arrays
 
 
 def run_cli(*args, cwd=ROOT):
@@ -155,10 +153,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_gets_one_line_exit_2_and_out_untouched(case, tmp_path, capsys):
     out = tmp_path / "out"
-    assert lot.main([*BAD_INPUTS[case], "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("lot_improved: error:"), err
-    assert not out.exists()
+    refused([*BAD_INPUTS[case], "--out", str(out)], capsys, out)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

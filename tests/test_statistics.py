@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import lot
+from conftest import lot, refused
 
 TINY = ["--train-subset", "1200", "--rounds", "2", "--epochs", "2"]
 
@@ -121,6 +121,4 @@ def test_early_stop_iteration_is_the_argmin_of_the_recorded_validation_losses(tm
 )
 def test_bad_validation_settings_get_one_line_and_exit_2(flags, tmp_path, capsys):
     out = tmp_path / "out"
-    assert lot.main([*TINY, *flags, "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("lot_improved: error:") and not out.exists()
+    refused([*TINY, *flags, "--out", str(out)], capsys, out)

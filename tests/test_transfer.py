@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import lot, synthetic_arrays
+from conftest import lot, refused, synthetic_arrays
 
 TINY = ["--train-subset", "300", "--rounds", "2", "--epochs", "1"]
 
@@ -68,6 +68,4 @@ def test_a_finished_run_gains_a_transfer_on_resume_and_offline_fails_with_one_li
 )
 def test_bad_transfer_settings_get_one_line_and_exit_2(flags, tmp_path, capsys):
     out = tmp_path / "out"
-    assert lot.main([*TINY, *flags, "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("lot_improved: error:") and not out.exists()
+    refused([*TINY, *flags, "--out", str(out)], capsys, out)

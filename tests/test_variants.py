@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import lot
+from conftest import TINY, lot, refused
 from test_model import random_stack
 from torch import nn
 
@@ -199,8 +199,6 @@ def test_presets_resolve_to_the_documented_settings_and_explicit_flags_win():
 
 # --- end to end -------------------------------------------------------------------------------
 
-TINY = ["--train-subset", "600", "--rounds", "2", "--epochs", "2"]
-
 
 def test_every_variant_flag_end_to_end(tmp_path):
     out = tmp_path / "all"
@@ -300,7 +298,4 @@ BAD = {
 @pytest.mark.parametrize("case", BAD)
 def test_bad_variant_settings_get_one_line_and_exit_2(case, tmp_path, capsys):
     out = tmp_path / "out"
-    assert lot.main([*TINY, *BAD[case], "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("lot_improved: error:"), err
-    assert not out.exists()
+    refused([*TINY, *BAD[case], "--out", str(out)], capsys, out)
