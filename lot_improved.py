@@ -2517,16 +2517,11 @@ def stop_reason(e: BaseException, job: Job, signum: int | None) -> tuple[str, st
     """How each way of ending early is reported: (EXIT_CODES key, the one line printed)."""
     resume = resume_command(job.cfg)
     signal_name = signal.Signals(signum or signal.SIGINT).name
-    if isinstance(e, Paused):
+    if isinstance(e, (Paused, KeyboardInterrupt)):
+        where = f"checkpoint at {e}" if isinstance(e, Paused) else "last checkpoint kept"
         return (
             signal_name,
-            f"{job.speaker}: {signal_name}: stopped, {job.state.round} round(s) finished, checkpoint at {e}; "
-            f"resume with: {resume}",
-        )
-    if isinstance(e, KeyboardInterrupt):
-        return (
-            signal_name,
-            f"{job.speaker}: {signal_name}: stopped, {job.state.round} round(s) finished, last checkpoint kept; "
+            f"{job.speaker}: {signal_name}: stopped, {job.state.round} round(s) finished, {where}; "
             f"resume with: {resume}",
         )
     if isinstance(e, Stopped):

@@ -65,6 +65,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def masked_step(
+    model: nn.Sequential, opt: torch.optim.Optimizer, masks: list, x: torch.Tensor, y: torch.Tensor
+) -> None:
+    """One plain training step, then each Linear's weights times its mask: how such scripts prune."""
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    with torch.no_grad():
+        for layer, mask in zip([m for m in model if isinstance(m, nn.Linear)], masks):
+            layer.weight.mul_(mask)
+
+
 def reference_epoch(root: Path, device: torch.device, steps: int, seed: int) -> float:
     from torchvision import datasets, transforms
 
@@ -85,13 +97,7 @@ def reference_epoch(root: Path, device: torch.device, steps: int, seed: int) -> 
         for step, (x, y) in enumerate(loader):
             if step == steps:
                 break
-            x, y = x.to(device), y.to(device)
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            with torch.no_grad():
-                for layer, mask in zip(layers, masks):
-                    layer.weight.mul_(mask)
+            masked_step(model, opt, masks, x.to(device), y.to(device))
         sync(device)
         elapsed += time.perf_counter() - start
     return elapsed
@@ -112,12 +118,7 @@ def peer_epoch(train: lot.Split, device: torch.device, steps: int, seed: int) ->
         start = time.perf_counter()
         for step in range(steps):
             idx = order[step * 60 : (step + 1) * 60]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(train.x[idx]), train.y[idx]).backward()
-            opt.step()
-            with torch.no_grad():
-                for layer, mask in zip(layers, masks):
-                    layer.weight.mul_(mask)
+            masked_step(model, opt, masks, train.x[idx], train.y[idx])
         sync(device)
         elapsed += time.perf_counter() - start
     return elapsed
