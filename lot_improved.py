@@ -99,7 +99,7 @@ class Config:
     )
     layer_rates: str | None = field(
         default=None,
-        metadata={"help": "with --scope layer: prune rates of fc1,fc2,fc3, or one for all (default: --prune-rate)"},
+        metadata={"help": "with --scope layer: prune rates of fc1,fc2,fc3, or one for all; none: --prune-rate for all"},
     )
     init: str = field(
         default="kaiming-uniform",
@@ -1449,9 +1449,9 @@ def run_transfer(cfg: Config, state: RunState, train: Split, test: Split, progre
     """Do the MNIST tickets transfer? Every finished round's ticket mask is trained on another
     dataset twice, from the trial's W0 (variant ticket) and from a fresh init (reinit), with the
     optimiser and length of an MNIST round. All of a trial's members share its batches; all are
-    stacked. Round 0's ticket is the dense network. Returns one row per_trial member."""
+    stacked. Round 0's ticket is the dense network. Returns one row per member."""
     rounds, trials, device = state.round, trial_ids(state), train.x.device
-    per_trial = 2 * rounds  # a ticket and a reinit per_trial finished round
+    per_trial = 2 * rounds  # a ticket and a reinit for each finished round
     stack = LeNetStack(len(trials) * per_trial, per_trial, device)
     starts, masks = [], []
     for t, trial in enumerate(trials):
@@ -2395,6 +2395,11 @@ def saved_run(cfg: Config, ranks: Ranks, device: torch.device) -> tuple[RunState
         saved = read_config_json(out) or {}
         if not isinstance(saved.get("config"), dict):
             raise UsageError(f"--resume: {cfg.out}/ holds no {name} and no run of this script")
+        if saved.get("status") == "finished":  # its state is gone: never train its rounds over again
+            raise UsageError(
+                f"--resume: {cfg.out}/ holds a finished run but no {name} to continue from (committed runs "
+                "leave it out); rerun with --overwrite or choose another --out"
+            )
     diffs = config_differences(saved["config"], cfg)
     if diffs:
         raise UsageError(f"--resume: settings differ from the run in {cfg.out}/: {', '.join(diffs)}")

@@ -18,7 +18,7 @@ rm -rf results/paper results/trials1_cuda
     export LOT_CUDA_GRAPHS=0
   fi
   start=$(date +%s)
-  timeout "${PAPER_S:-330}" python3 lot_improved.py --preset paper --trials 5 --reinit-draws 2 --out results/paper 2>&1 | tr '\r' '\n' | grep -v "^rounds:.*it/s\]$" | tail -45
+  timeout "${PAPER_S:-450}" python3 lot_improved.py --preset paper --trials 5 --reinit-draws 2 --out results/paper 2>&1 | tr '\r' '\n' | grep -v "^rounds:.*it/s\]$" | tail -45
   echo "paper run: exit ${PIPESTATUS[0]}, $(($(date +%s) - start)) s"
   start=$(date +%s)
   timeout "${DEFAULT_S:-100}" python3 lot_improved.py --out results/trials1_cuda 2>&1 | tr '\r' '\n' | tail -30

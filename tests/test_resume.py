@@ -126,6 +126,20 @@ def test_more_rounds_on_resume_extends_the_run_exactly(tmp_path):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+def test_a_finished_run_without_its_checkpoint_is_never_trained_again(tmp_path, capsys):
+    # Committed runs leave checkpoint.pt out: --resume (to extend, or to add a transfer) must not
+    # start round 0 over their finished tables.
+    out = tmp_path / "out"
+    assert lot.main([*TINY, "--rounds", "1", "--out", str(out)]) == 0
+    (out / "checkpoint.pt").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert lot.main([*TINY, "--rounds", "2", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint.pt to continue from" in err[0] and "--overwrite" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_resume_with_other_settings_names_each_one(tmp_path, capsys):
     out = tmp_path / "out"
     assert lot.main([*TINY, "--rounds", "1", "--out", str(out)]) == 0
