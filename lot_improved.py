@@ -1198,12 +1198,17 @@ def begin_round(plan: Plan, state: RunState, stack: LeNetStack, control_gens: Se
     stack.load(stack_members(starts, stack._w[0].device))
 
 
+def member_key(record: dict) -> tuple[int, str, int]:
+    """(trial, variant, draw) of a results or validation row: which member it is."""
+    return record["trial"], record["variant"], record.get("draw", 0)
+
+
 def early_stops(evals: Sequence[dict], rnd: int) -> dict[tuple[int, str, int], dict]:
     """Per (trial, variant, draw) of round rnd: the evaluation with the lowest validation loss (the
     first, on ties), as the paper's early-stopping point."""
     best: dict[tuple[int, str, int], dict] = {}
     for e in evals:
-        key = (e["trial"], e["variant"], e.get("draw", 0))
+        key = member_key(e)
         if e["round"] == rnd and (key not in best or e["val_loss"] < best[key]["val_loss"]):
             best[key] = e
     return {
@@ -1416,8 +1421,7 @@ class Experiment:
         state = self.state
         rows = member_records(self.plan.names, self.trials, stats, state.round, lambda m: layer_percentages(masks[m]))
         stops = early_stops(state.evals, state.round)
-        key = lambda row: (row["trial"], row["variant"], row.get("draw", 0))  # noqa: E731
-        state.rows += [{**row, **stops.get(key(row), {})} for row in rows]
+        state.rows += [{**row, **stops.get(member_key(row), {})} for row in rows]
 
 
 def run_experiment(
@@ -1468,7 +1472,9 @@ def run_transfer(cfg: Config, state: RunState, train: Split, test: Split, progre
     trainee = Trainee(stack, opt, train, len(train.y), [make_generator(cfg.seed, t, "transfer", 0) for t in trials])
     at, bar_options = Position(), {} if progress else {"disable": True}
     with tqdm(total=plan.epochs, desc="transfer", unit="epoch", dynamic_ncols=True, **bar_options) as bar:
-        for epoch_loss in train_round(trainee, plan, at, lambda e: [(plan.steps_in(e), "end")], print, lambda: False):
+        for epoch_loss in train_round(
+            trainee, plan, at, lambda e: [(plan.steps_in(e), "end")], lambda *_: None, lambda: False
+        ):
             loss_sum = epoch_loss
             bar.update()
     test_loss, test_acc = evaluate(stack, test)
