@@ -51,6 +51,7 @@ import sys
 import threading
 import time
 import typing
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,10 @@ Tensor = torch.Tensor
 # ==================================================================================================
 # Config
 # ==================================================================================================
+
+
+SPARSE_BELOW = 0.2  # --sparse: fc1's density under which sparse kernels beat a dense matmul on a CPU
+SPARSE_EVAL_BELOW = 0.05  # ... and under which they do for the 10,000-image forward passes of evaluate()
 
 
 @dataclass
@@ -158,6 +163,13 @@ class Config:
     data_parallel: bool = field(
         default=False, metadata={"help": "wrap the network in nn.DataParallel across all visible GPUs"}
     )
+    sparse: bool = field(
+        default=False,
+        metadata={
+            "help": f"on CPU, train fc1 through sparse kernels in rounds where it keeps under {SPARSE_BELOW:.0%}% "
+            "of its weights: faster; equal to the dense engine within float rounding, not bit for bit"
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint.pt"})
     overwrite: bool = field(default=False, metadata={"help": "replace an earlier run's files in --out"})
     replot: bool = field(
@@ -198,6 +210,7 @@ RESUME_NEUTRAL = (
     "data_dir",
     "device",
     "data_parallel",
+    "sparse",
     "resume",
     "overwrite",
     "replot",
@@ -558,14 +571,30 @@ def default_init(generator: torch.Generator, scheme: str = "kaiming-uniform") ->
 def lenet_forward(x: Tensor, w: Sequence[Tensor], b: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """x [M,B,784] -> hidden activations h1 [M,B,300], h2 [M,B,100] and log-probabilities [M,B,10]."""
     h1 = torch.baddbmm(b[0].unsqueeze(1), x, w[0].transpose(1, 2)).relu_()
+    return (h1, *lenet_upper(h1, w, b))
+
+
+def lenet_upper(h1: Tensor, w: Sequence[Tensor], b: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """fc2 and fc3: h1 [M,B,300] -> h2 [M,B,100] and log-probabilities [M,B,10]."""
     h2 = torch.baddbmm(b[1].unsqueeze(1), h1, w[1].transpose(1, 2)).relu_()
-    logp = torch.baddbmm(b[2].unsqueeze(1), h2, w[2].transpose(1, 2)).log_softmax(-1)
-    return h1, h2, logp
+    return h2, torch.baddbmm(b[2].unsqueeze(1), h2, w[2].transpose(1, 2)).log_softmax(-1)
 
 
 def nll(logp: Tensor, y: Tensor) -> Tensor:
     """Per-sample cross-entropy [M,B] from log-probabilities [M,B,10] and labels [M,B]."""
     return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def lenet_deltas(
+    y: Tensor, w: Sequence[Tensor], h1: Tensor, h2: Tensor, logp: Tensor, dloss: Tensor | float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of sum(dloss * per-sample loss) with respect to each layer's pre-activations
+    [M,B,300], [M,B,100], [M,B,10]. Consumes logp."""
+    d3 = logp.exp_()  # dloss/dlogits = softmax - onehot
+    d3.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(d3[..., :1], -1.0))
+    d3.mul_(dloss.unsqueeze(-1) if isinstance(dloss, Tensor) else dloss)
+    d2 = torch.ops.aten.threshold_backward(torch.bmm(d3, w[2]), h2, 0)  # ReLU': 1 where h > 0
+    return torch.ops.aten.threshold_backward(torch.bmm(d2, w[1]), h1, 0), d2, d3
 
 
 def lenet_backward(
@@ -580,11 +609,7 @@ def lenet_backward(
 ) -> list[Tensor]:
     """Gradients [dw1, dw2, dw3, db1, db2, db3] of sum(dloss * per-sample loss): six batched
     matmuls. Consumes logp. out: optional buffers for the six gradients (saves allocations)."""
-    d3 = logp.exp_()  # dloss/dlogits = softmax - onehot
-    d3.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(d3[..., :1], -1.0))
-    d3.mul_(dloss.unsqueeze(-1) if isinstance(dloss, Tensor) else dloss)
-    d2 = torch.ops.aten.threshold_backward(torch.bmm(d3, w[2]), h2, 0)  # ReLU': 1 where h > 0
-    d1 = torch.ops.aten.threshold_backward(torch.bmm(d2, w[1]), h1, 0)
+    d1, d2, d3 = lenet_deltas(y, w, h1, h2, logp, dloss)
     out = out or [None] * 6
     dw = [torch.bmm(d.transpose(1, 2), a, out=o) for d, a, o in zip((d1, d2, d3), (x, h1, h2), out[:3])]
     return dw + [torch.sum(d, 1, out=o) for d, o in zip((d1, d2, d3), out[3:])]
@@ -638,6 +663,7 @@ class LeNetStack(nn.Module):
         # (nn.DataParallel replicas do not update these; they only ever run forward().)
         self._w, self._b = tuple(self.weights), tuple(self.biases)
         self._graphs: dict = {}  # CUDA graphs captured on these buffers (step_graph); a re-pack drops them
+        self.sparse: SparseFC1 | None = None  # a CPU round's sparse fc1 steps (sparse_fc1), while one runs
 
     def _apply(self, fn: Callable, recurse: bool = True) -> LeNetStack:
         super()._apply(fn, recurse)  # .to(), .double(), ...: new tensors, so pack them again
@@ -785,6 +811,11 @@ class MaskedSGD:
         self.set_masks(masks)
         self.lr, self.momentum = lr, momentum
         self.steps = 0
+        self.segments = self.whole()  # what step() updates: the whole stack, or a sparse round's live part
+
+    def whole(self) -> list[tuple[Tensor, ...]]:
+        """The flat tensors step() updates, as one segment: (param, grad, mask, buffers...)."""
+        return [(self.param, self.grad, self.mask, self.buf)]
 
     def set_masks(self, masks: Sequence[Tensor]) -> None:
         """One float mask per weight tensor (none: all ones); flattened beside ones for the biases."""
@@ -815,8 +846,9 @@ class MaskedSGD:
 
     @torch.no_grad()
     def step(self) -> None:
-        self.buf.mul_(self.momentum).addcmul_(self.grad, self.mask)  # grad * mask is exact: same bits
-        self.param.add_(self.buf, alpha=-self.lr)
+        for param, grad, mask, buf in self.segments:
+            buf.mul_(self.momentum).addcmul_(grad, mask)  # grad * mask is exact: same bits
+            param.add_(buf, alpha=-self.lr)
         self.steps += 1
 
 
@@ -829,10 +861,13 @@ class MaskedAdam(MaskedSGD):
     betas, eps = (0.9, 0.999), 1e-8
 
     def __init__(self, net: LeNetStack, masks: Sequence[Tensor], lr: float):
+        self.square = torch.zeros_like(net.flat)  # second moments; buf holds the first
+        self.count = torch.zeros((), device=net.flat.device)  # steps taken, as a device scalar
         super().__init__(net, masks, lr, momentum=0.0)
-        self.square = torch.zeros_like(self.param)
-        self.squares = views_like(self.square, self.bufs)  # second moments; bufs are the first
-        self.count = torch.zeros((), device=self.param.device)  # steps taken, as a device scalar
+        self.squares = views_like(self.square, self.bufs)
+
+    def whole(self) -> list[tuple[Tensor, ...]]:
+        return [(self.param, self.grad, self.mask, self.buf, self.square)]
 
     def state(self) -> list[Tensor]:
         return self.bufs + self.squares
@@ -849,14 +884,14 @@ class MaskedAdam(MaskedSGD):
     @torch.no_grad()
     def step(self) -> None:
         (beta1, beta2), lr = self.betas, self.lr
-        grad = self.grad.mul_(self.mask)
         self.count.add_(1)
-        self.buf.lerp_(grad, 1 - beta1)
-        self.square.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step_size = torch.pow(beta1, self.count).sub_(1).div_(lr).reciprocal_()  # -lr / (1 - beta1^t)
         correction2 = torch.pow(beta2, self.count).sub_(1).neg_().sqrt_()  # sqrt(1 - beta2^t)
-        denom = self.square.sqrt().div_(correction2).add_(self.eps).div_(step_size)
-        self.param.addcdiv_(self.buf, denom)
+        for param, grad, mask, buf, square in self.segments:
+            grad.mul_(mask)
+            buf.lerp_(grad, 1 - beta1)
+            square.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            param.addcdiv_(buf, square.sqrt().div_(correction2).add_(self.eps).div_(step_size))
         self.steps += 1
 
 
@@ -877,7 +912,7 @@ def train_step(net: nn.Module, opt: MaskedSGD, train: Split, idx: Tensor) -> Ten
     flat = idx.reshape(-1)  # index_select copies a batch twice as fast as x[idx]
     x, y = train.x.index_select(0, flat).view(*idx.shape, -1), train.y.index_select(0, flat).view(idx.shape)
     if net is stack:
-        losses = stack.backprop(x, y)
+        losses = (stack.sparse or stack).backprop(x, y)
     else:  # nn.DataParallel: autograd splits the batch over GPUs and sums the gradients back
         losses = net(x, y)
         stack.zero_grad(set_to_none=True)
@@ -932,6 +967,89 @@ def step_graph(net: nn.Module, opt: MaskedSGD, train: Split, shape: tuple[int, i
     return stack._graphs[key][2]
 
 
+class SparseFC1:
+    """A round of CPU steps that touch fc1's live weights only. Each member's fc1 is a CSR matrix
+    over its mask: the forward pass is a sparse-dense product, fc1's weight gradient the dense
+    product sampled at the mask (SDDMM), and the optimiser updates two segments, fc1's live
+    weights (gathered into one vector) and everything after fc1 (the stack's own tensors).
+
+    While active, the gathered vector holds fc1's true values; sync() writes them, and their
+    optimiser buffers, back into the stack's dense tensors, which evaluate() and checkpoints read."""
+
+    def __init__(self, stack: LeNetStack, opt: MaskedSGD, fc1_masks: Tensor):
+        self.stack, self.opt = stack, opt
+        self.live = fc1_masks.reshape(-1).nonzero().squeeze(1)  # member-major, then row-major: CSR order
+        self.counts = fc1_masks.flatten(1).sum(1).tolist()
+        self.density = max(self.counts) / fc1_masks[0].numel()  # the densest member's
+        self.tail = fc1_masks.numel()  # where fc2 begins in the flat tensors
+        shape = tuple(fc1_masks.shape[1:])
+        self.csr = []  # per member: (crow, col) of its mask
+        for mask, cols in zip(fc1_masks, (self.live % shape[1]).split(self.counts)):
+            crow = torch.cat([cols.new_zeros(1), mask.sum(1).cumsum(0)])
+            self.csr.append((crow, cols.contiguous()))
+        self.shape = shape
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": said once, to no one who can act on it
+            warnings.simplefilter("ignore")
+            self.pattern = [self.csr_tensor(m, torch.ones(len(self.csr[m][1]))) for m in range(len(self.csr))]
+        whole = opt.whole()[0]  # (param, grad, mask, buffers...)
+        self.live_parts = [t[: self.tail][self.live] for t in whole]  # gathered copies
+        self.live_parts[1].zero_()
+        self.values = self.live_parts[0].split(self.counts)
+        self.grads = self.live_parts[1].split(self.counts)
+        opt.segments = [tuple(self.live_parts), tuple(t[self.tail :] for t in whole)]
+
+    def sync(self) -> None:
+        """Write fc1's live values and optimiser buffers into the dense tensors."""
+        whole = self.opt.whole()[0]
+        for dense, live in zip(whole[:1] + whole[3:], self.live_parts[:1] + self.live_parts[3:]):
+            dense[: self.tail].index_copy_(0, self.live, live)
+
+    def close(self) -> None:
+        """sync() and hand the whole stack back to the dense steps."""
+        self.sync()
+        self.opt.segments = self.opt.whole()
+
+    def csr_tensor(self, m: int, values: Tensor) -> Tensor:
+        crow, col = self.csr[m]
+        return torch.sparse_csr_tensor(crow, col, values, self.shape, check_invariants=False)
+
+    def hidden(self, members: range, xs: Sequence[Tensor], bias: Tensor) -> Tensor:
+        """fc1's ReLU activations [len(members), N, 300] of the given members, member i's from images xs[i] [N, 784]."""
+        h1 = torch.stack([torch.sparse.mm(self.csr_tensor(m, self.values[m]), x.t()) for m, x in zip(members, xs)])
+        return h1.transpose(1, 2).add_(bias.unsqueeze(1)).relu_()
+
+    @torch.no_grad()
+    def backprop(self, x: Tensor, y: Tensor) -> Tensor:
+        """LeNetStack.backprop's losses and gradients, fc1's at its live weights only."""
+        stack = self.stack
+        w, b = stack._w, stack._b
+        per_trial = stack.members if x.shape[0] == 1 else stack.members_per_trial
+        xs = [x[m // per_trial] for m in range(stack.members)]
+        h1 = self.hidden(range(stack.members), xs, b[0])
+        h2, logp = lenet_upper(h1, w, b)
+        ym = stack.per_member(y)
+        losses = nll(logp, ym)
+        d1, d2, d3 = lenet_deltas(ym, w, h1, h2, logp, 1.0 / x.shape[1])
+        g = stack._grads
+        torch.bmm(d2.transpose(1, 2), h1, out=g[1])
+        torch.bmm(d3.transpose(1, 2), h2, out=g[2])
+        for d, out in zip((d1, d2, d3), g[3:]):
+            torch.sum(d, 1, out=out)
+        for m, xm in enumerate(xs):
+            sampled = torch.sparse.sampled_addmm(self.pattern[m], d1[m].t(), xm, beta=0.0)
+            self.grads[m].copy_(sampled.values())
+        return losses
+
+
+def sparse_fc1(stack: LeNetStack, opt: MaskedSGD, masks: Sequence[Tensor], enabled: bool) -> SparseFC1 | None:
+    """A SparseFC1 for this round's stacked masks where it pays: enabled, on CPU, and every
+    member's fc1 under SPARSE_BELOW of its weights."""
+    fc1 = masks[0]
+    if not (enabled and fc1.device.type == "cpu" and fc1.flatten(1).float().mean(1).max() < SPARSE_BELOW):
+        return None
+    return SparseFC1(stack, opt, fc1)
+
+
 def train_epoch(
     net: nn.Module,
     opt: MaskedSGD,
@@ -970,6 +1088,16 @@ def train_epoch(
     return total, until
 
 
+def members_forward(stack: LeNetStack, members: range, x: Tensor, sparse: SparseFC1 | None = None) -> Tensor:
+    """Log-probabilities [len(members), N, 10] of a contiguous range of members on images x [N, 784],
+    fc1 through sparse's CSR matrices if given."""
+    a, b = members.start, members.stop
+    w, bias = [t[a:b] for t in stack._w], [t[a:b] for t in stack._b]
+    if sparse is None:
+        return lenet_forward(x.expand(b - a, *x.shape), w, bias)[2]
+    return lenet_upper(sparse.hidden(members, [x] * (b - a), bias[0]), w, bias)[1]
+
+
 EVAL_CHUNK, EVAL_GROUP = 10_000, 8  # images and members per forward pass: bounded memory
 
 
@@ -980,6 +1108,9 @@ def evaluate(net: nn.Module, data: Split) -> tuple[Tensor, Tensor]:
     small groups over the same image chunks, so a member's numbers never depend on how many
     others are stacked (a torchrun rank holds fewer than a single process)."""
     stack = unwrap(net)
+    sparse = stack.sparse if stack.sparse and stack.sparse.density < SPARSE_EVAL_BELOW else None
+    if stack.sparse and not sparse:
+        stack.sparse.sync()  # the dense forward reads the dense fc1
     x, y = (data.x, data.y) if data.x.dim() == 3 else (data.x.unsqueeze(0), data.y.unsqueeze(0))  # [T or 1, N, ..]
     loss = torch.zeros(stack.members, device=x.device)
     correct = torch.zeros(stack.members, device=x.device)
@@ -990,9 +1121,7 @@ def evaluate(net: nn.Module, data: Split) -> tuple[Tensor, Tensor]:
             b = min(a + EVAL_GROUP, first + group)
             for start in range(0, y.shape[1], EVAL_CHUNK):
                 xs, ys = x[t, start : start + EVAL_CHUNK], y[t, start : start + EVAL_CHUNK]
-                logp = lenet_forward(
-                    xs.expand(b - a, *xs.shape), [w[a:b] for w in stack._w], [v[a:b] for v in stack._b]
-                )[2]
+                logp = members_forward(stack, range(a, b), xs, sparse)
                 target = ys.expand(b - a, -1)
                 loss[a:b] += nll(logp, target).sum(1)
                 correct[a:b] += (logp.argmax(-1) == target).sum(1)
@@ -1041,6 +1170,9 @@ class RunState:
     evals: list[dict] = field(default_factory=list)  # validation.csv (with --val-size)
     trials: list[int] = field(default_factory=list)  # the trial ids this process runs (torchrun shards them)
     elapsed_s: float = 0.0  # wall time of the run so far, every process up to its last checkpoint
+    round_s: list[float] = field(
+        default_factory=list
+    )  # wall time of each finished round (of a resumed one: since resuming)
 
 
 class Paused(Exception):
@@ -1328,6 +1460,8 @@ class Experiment:
     def snapshot(self) -> RunState:
         """The state with the members' weights, optimiser and generators copied in, to save."""
         state, opt = self.state, self.trainee.opt
+        if self.stack.sparse:
+            self.stack.sparse.sync()
         state.params = [p.detach().cpu().clone() for p in self.stack.parameters()]
         state.opt_state, state.opt_steps = [b.cpu().clone() for b in opt.state()], opt.steps
         state.control_rng = [g.get_state() for g in self.control_gens]
@@ -1387,7 +1521,9 @@ class Experiment:
             begin_round(plan, state, self.stack, self.control_gens)
             opt.reset()
         masks = [member_masks(plan.cfg, state, t, v, state.round) for t in range(len(self.trials)) for v in plan.names]
-        train_on_masks(opt, stack_members(masks, self.stack.flat.device))
+        stacked = stack_members(masks, self.stack.flat.device)
+        train_on_masks(opt, stacked)
+        self.stack.sparse = sparse_fc1(self.stack, opt, stacked, plan.cfg.sparse and self.trainee.net is self.stack)
         loss = None if state.loss_sum is None else state.loss_sum.to(self.stack.flat.device)
         at = Position(state.epoch, state.step, loss)
         try:
@@ -1414,6 +1550,10 @@ class Experiment:
             state.evals += self.eval_records()
             on_epoch(self.snapshot, "pause")
             raise Paused(f"round {state.round}, {e}") from None
+        finally:
+            if self.stack.sparse:
+                self.stack.sparse.close()
+                self.stack.sparse = None
         self.record(stats, masks)
 
     def record(self, stats: list[list[float]], masks: list[list[Tensor]]) -> None:
@@ -1789,6 +1929,50 @@ def summary_markdown(rows: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+def interval_cell(values: Sequence[float], fmt: str) -> str:
+    """'mean [lo, hi]' (95% Student-t over trials), or the mean alone for one trial."""
+    if len(values) < 2:
+        return format(float(np.mean(values)), fmt)
+    mean, lo, hi = paired_t_interval(values)
+    return f"{mean:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def early_stop_markdown(rows: pd.DataFrame) -> str:
+    """The paper's early-stopping comparisons per round, each paired within a trial (a trial's
+    reinit draws averaged first): how soon the ticket stops against the dense network (round 0)
+    and against its control, and its test accuracy at the stop against both."""
+    stops = per_trial(rows, ["round", "trial", "variant"], ["weights_pct", "early_stop_iter", "early_stop_test_acc"])
+    wide = stops.pivot_table(
+        index=["round", "trial"], columns="variant", values=["early_stop_iter", "early_stop_test_acc"]
+    )
+    it, acc = wide["early_stop_iter"], wide["early_stop_test_acc"]
+    dense_it, dense_acc = it["ticket"].xs(0, level="round"), acc["ticket"].xs(0, level="round")
+    pct = stops[stops.variant == "ticket"].groupby("round").weights_pct.mean()
+    has_control = "control" in it.columns
+    header = ["Round", "Weights Remaining", "Ticket stop", "Ticket / dense"]
+    header += ["Control / ticket"] if has_control else []
+    header += ["Ticket acc", "Ticket - dense"] + (["Control - dense", "Ticket - control"] if has_control else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    for rnd in sorted(pct.index):
+        t_it, t_acc = it["ticket"].xs(rnd, level="round"), acc["ticket"].xs(rnd, level="round")
+        cells = [str(rnd), f"{pct[rnd]:.2f}%", f"{t_it.mean():,.0f}", interval_cell(t_it / dense_it, ".2f")]
+        if has_control:
+            c_it, c_acc = it["control"].xs(rnd, level="round"), acc["control"].xs(rnd, level="round")
+            cells.append(interval_cell(c_it / t_it, ".2f"))
+        cells += [f"{t_acc.mean():.2f}", interval_cell(t_acc - dense_acc, "+.2f")]
+        if has_control:
+            cells += [interval_cell(c_acc - dense_acc, "+.2f"), interval_cell(t_acc - c_acc, "+.2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    trials = rows.trial.nunique()
+    note = (
+        "Early stop: the iteration of minimum validation loss (Ticket stop: mean iteration); test accuracy (%) "
+        "there. Ratios and differences are paired within each trial against the dense network (the ticket at "
+        "round 0) or the control"
+    )
+    note += f"; mean [95% confidence interval: Student-t, df = {trials - 1}]." if trials > 1 else "."
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
 PERCENT_TICKS = (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
 
 
@@ -2054,6 +2238,7 @@ def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
                 rows, figures[-1], "test_acc", shown, "test accuracy (%)", f"LeNet-300-100 on MNIST: {title}"
             )
     if "early_stop_iter" in rows:
+        write_text(out / "early_stop.md", early_stop_markdown(rows))
         figures.append(out / "early_stop.png")
         plot_early_stopping(rows, figures[-1])
     if (out / "validation.csv").exists():
@@ -2083,6 +2268,7 @@ OUTPUT_FILES = (
     "test_acc_over_iterations.png",
     "layers.png",
     "summary.md",
+    "early_stop.md",
     "config.json",
     "transfer.csv",
     "transfer.png",
@@ -2443,7 +2629,7 @@ class Session:
         self.job, self.started = job, started
         self.earlier_s = job.state.elapsed_s  # spent by the processes this one resumes
         self.merged: RunState | None = None  # every rank's finished rounds, on rank 0
-        self.last_save = time.perf_counter()
+        self.last_save = self.round_began = time.perf_counter()
 
     def elapsed(self) -> float:
         return self.earlier_s + time.perf_counter() - self.started
@@ -2454,6 +2640,7 @@ class Session:
         return {
             "wall_time_s": round(self.elapsed(), 1),
             **({"wall_time_this_process_s": this} if self.earlier_s else {}),
+            "round_s": self.job.state.round_s,
         }
 
     def config(self, status: str, **extra: Any) -> None:
@@ -2481,6 +2668,9 @@ class Session:
             return  # a long round's epochs are seconds apart on a GPU; its checkpoint is megabytes
         state = snapshot()
         if event == "round":  # first: a round is checkpointed as done once every rank has finished it
+            now = time.perf_counter()
+            state.round_s.append(round(now - self.round_began, 2))
+            self.round_began = now
             self.tables(state)
         state.elapsed_s = self.elapsed()
         save_checkpoint(self.job.out, self.job.cfg, self.job.device, self.job.data_sha, state, self.job.checkpoint)

@@ -109,6 +109,27 @@ def test_early_stop_iteration_is_the_argmin_of_the_recorded_validation_losses(tm
     assert (out / "early_stop.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_early_stop_table_pairs_each_trial_against_its_dense_network_and_its_control():
+    rows = pd.DataFrame(
+        [
+            (trial, rnd, variant, draw, pct, it, acc)
+            for trial, scale in ((0, 1.0), (1, 2.0))
+            for rnd, pct in ((0, 100.0), (1, 80.0))
+            for variant, draw, it, acc in (
+                ("ticket", 0, (1000 if rnd == 0 else 600) * scale, 97.0 + rnd + trial),
+                ("control", 0, 900 * scale, 96.0),
+                ("control", 1, 1500 * scale, 96.5),
+            )
+        ],
+        columns=["trial", "round", "variant", "draw", "weights_pct", "early_stop_iter", "early_stop_test_acc"],
+    )
+    round1 = lot.early_stop_markdown(rows).splitlines()[3].split(" | ")
+    # Ticket stop 600 and 1200: 0.6 of dense in both trials; the control's two draws average 1,200
+    # (and 2,400), twice the ticket's; accuracy 98 and 99 against dense 97 and 98; the control 96.25 in both.
+    assert round1[1:5] == ["80.00%", "900", "0.60 [0.60, 0.60]", "2.00 [2.00, 2.00]"]
+    assert round1[5:] == ["98.50", "+1.00 [+1.00, +1.00]", "-1.25 [-7.60, +5.10]", "+2.25 [-4.10, +8.60] |"]
+
+
 @pytest.mark.parametrize(
     "flags",
     [

@@ -1,0 +1,139 @@
+"""--sparse: fc1 through sparse kernels on CPU computes the dense engine's maths, within float
+rounding, touching only live weights; a paused sparse round resumes to the same bytes."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT, lot
+
+from benchmarks.epoch_throughput import STEP_FLOP_PER_SAMPLE
+
+# 10 steps an epoch; fc1 falls under 20% of its weights from round 7 of global pruning.
+SPARSE_RUN = ["--train-subset", "600", "--epochs", "2", "--rounds", "8", "--device", "cpu"]
+
+
+def stack_with_masks(density: float, trials: int = 2, per_trial: int = 2, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    members = trials * per_trial
+    stack = lot.LeNetStack(members, per_trial, torch.device("cpu"))
+    masks = [
+        torch.rand(members, o, i, generator=gen) < (density if n == 0 else 0.5) for n, (o, i) in enumerate(lot.SHAPES)
+    ]
+    inits = [lot.default_init(torch.Generator().manual_seed(seed + m)) for m in range(members)]
+    stack.load(
+        [w * m for w, m in zip(lot.stack_members(inits, torch.device("cpu"))[:3], masks)]
+        + lot.stack_members(inits, torch.device("cpu"))[3:]
+    )
+    return stack, masks
+
+
+def test_sparse_fc1_gives_the_dense_losses_and_gradients_within_float_rounding(mnist):
+    train = mnist[0]
+    stack, masks = stack_with_masks(0.1)
+    x, y = train.x[:120].view(2, 60, -1), train.y[:120].view(2, 60)
+    dense_losses = stack.backprop(x, y)
+    dense_grads = [g.clone() for g in stack.grads()]
+    opt = lot.MaskedSGD(stack, [m.float() for m in masks], lr=0.01, momentum=0.9)
+    sparse = lot.SparseFC1(stack, opt, masks[0])
+    stack.grads()[1].zero_()  # fc2's gradient must come from the sparse step
+    losses = sparse.backprop(x, y)
+    torch.testing.assert_close(losses, dense_losses, rtol=1e-5, atol=1e-6)
+    live = masks[0].reshape(-1).nonzero().squeeze(1)
+    torch.testing.assert_close(sparse.live_parts[1], dense_grads[0].reshape(-1)[live], rtol=1e-4, atol=1e-6)
+    for got, want in zip(stack.grads()[1:], dense_grads[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_sparse_step_updates_live_weights_like_the_dense_step_and_never_touches_dead_ones(mnist, optimizer):
+    train = mnist[0]
+    x, y = train.x[:120].view(2, 60, -1), train.y[:120].view(2, 60)
+    results = []
+    for sparse in (False, True):
+        stack, masks = stack_with_masks(0.05)
+        cfg = lot.parse_config(["--optimizer", optimizer])
+        opt = lot.make_optimizer(cfg, stack)
+        lot.train_on_masks(opt, masks)
+        stack.sparse = lot.sparse_fc1(stack, opt, masks, sparse)
+        assert (stack.sparse is not None) == sparse
+        for _ in range(5):
+            (stack.sparse or stack).backprop(x, y)
+            opt.step()
+        if sparse:
+            # what the optimiser steps over: fc1's live weights and everything after fc1, nothing else
+            assert (
+                sum(s[0].numel() for s in opt.segments) == int(masks[0].sum()) + stack.flat.numel() - masks[0].numel()
+            )
+            stack.sparse.close()
+        results.append([p.detach().clone() for p in stack.parameters()] + [b.clone() for b in opt.state()])
+    dead = ~masks[0]
+    assert (results[1][0][dead] == 0).all() and (results[1][6][dead] == 0).all()  # weights and first moments
+    # Adam divides by the gradient's root mean square: where that is tiny, rounding moves an update
+    # by up to lr * 1e-2; a wrong gradient moves it by up to lr (1.2e-3) a step.
+    atol = 2e-5 if optimizer == "adam" else 1e-6
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)
+
+
+def test_a_sparse_run_matches_the_dense_run_within_float_rounding_with_the_same_masks(tmp_path, monkeypatch):
+    made = []
+    real = lot.SparseFC1.__init__
+    monkeypatch.setattr(lot.SparseFC1, "__init__", lambda self, *a: made.append(1) or real(self, *a))
+    assert lot.main([*SPARSE_RUN, "--out", str(tmp_path / "dense")]) == 0
+    assert not made
+    assert lot.main([*SPARSE_RUN, "--sparse", "--out", str(tmp_path / "sparse")]) == 0
+    assert len(made) >= 2  # the last rounds ran sparse
+    dense, sparse = (pd.read_csv(tmp_path / d / "results.csv") for d in ("dense", "sparse"))
+    assert (dense.weights == sparse.weights).all()
+    assert (dense.test_acc - sparse.test_acc).abs().max() <= 0.5
+    assert (dense.test_loss - sparse.test_loss).abs().max() <= 1e-3
+    masks = [torch.load(tmp_path / d / "masks.pt") for d in ("dense", "sparse")]
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+
+
+def test_a_paused_sparse_round_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    assert lot.main([*SPARSE_RUN, "--sparse", "--out", str(tmp_path / "whole")]) == 0
+    calls = {"n": 0}
+
+    def stop_in_round_8(self):  # the 8th step of round 8's second epoch
+        calls["n"] += 1
+        if calls["n"] == 8 * 20 + 18:
+            self.signum = signal.SIGINT
+        return self.signum is not None
+
+    monkeypatch.setattr(lot.StopSignal, "__call__", stop_in_round_8)
+    out = tmp_path / "paused"
+    assert lot.main([*SPARSE_RUN, "--sparse", "--out", str(out)]) == 130
+    saved = lot.load_checkpoint(out)[0]
+    assert (saved.round, saved.epoch, saved.step) == (8, 2, 8)
+    monkeypatch.undo()
+    assert lot.main([*SPARSE_RUN, "--sparse", "--out", str(out), "--resume"]) == 0
+    for name in ("results.csv", "curves.csv", "masks.pt"):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_the_whole_run_benchmark_reports_every_round_against_the_floor_of_the_same_run(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "benchmarks/run_vs_floor.py", "--repeats", "1", "--json", str(out)]
+    proc = subprocess.run(
+        [*cmd, "--", "--train-subset", "600", "--rounds", "2"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(out.read_text())
+    work = 10 * 2 * 60 * STEP_FLOP_PER_SAMPLE / 1e9  # a round: 10 steps of two members
+    mean_rate = sum(figures["matmul_2048_gflops"]) / 2  # the median of two measurements
+    assert figures["floor_round_s"] == pytest.approx(work / mean_rate, rel=1e-3)
+    assert figures["floor_s"] == pytest.approx(3 * figures["floor_round_s"], rel=1e-3)
+    for way in ("dense", "sparse"):
+        rounds, ratios = figures[f"{way}_round_s"], figures[f"{way}_round_over_floor"]
+        assert len(rounds) == len(ratios) == 3
+        assert ratios == pytest.approx([t / figures["floor_round_s"] for t in rounds], abs=0.006)
+        assert figures[f"{way}_over_floor"] == pytest.approx(
+            figures[f"{way}_wall_s"][0] / figures["floor_s"], rel=0.005
+        )
+    assert f"{figures['dense_over_floor']:.2f}x" in proc.stdout
