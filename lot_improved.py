@@ -990,7 +990,7 @@ class SparseFC1:
         self.shape = shape
         with warnings.catch_warnings():  # "sparse CSR support is in beta": said once, to no one who can act on it
             warnings.simplefilter("ignore")
-            self.pattern = [self.csr_tensor(m, torch.ones(len(self.csr[m][1]))) for m in range(len(self.csr))]
+            self.pattern = [self.csr_tensor(m, stack.flat.new_ones(len(c[1]))) for m, c in enumerate(self.csr)]
         whole = opt.whole()[0]  # (param, grad, mask, buffers...)
         self.live_parts = [t[: self.tail][self.live] for t in whole]  # gathered copies
         self.live_parts[1].zero_()
@@ -2668,13 +2668,13 @@ class Session:
             return  # a long round's epochs are seconds apart on a GPU; its checkpoint is megabytes
         state = snapshot()
         if event == "round":  # first: a round is checkpointed as done once every rank has finished it
-            now = time.perf_counter()
-            state.round_s.append(round(now - self.round_began, 2))
-            self.round_began = now
+            state.round_s.append(round(time.perf_counter() - self.round_began, 2))  # its training, not its writing
             self.tables(state)
         state.elapsed_s = self.elapsed()
         save_checkpoint(self.job.out, self.job.cfg, self.job.device, self.job.data_sha, state, self.job.checkpoint)
         self.last_save = time.perf_counter()
+        if event == "round":
+            self.round_began = self.last_save
 
 
 def announce(job: Job) -> None:
