@@ -180,7 +180,7 @@ def main() -> int:
         parser.error(f"--npz: no such file {args.npz}")
     device = lot.resolve_device(args.device)
     train = lot.load_mnist(args.npz, device)[0]
-    work = 2 * 60 * STEP_FLOP_PER_SAMPLE * args.steps * 2 / 1e9  # GFLOP of matmul in the timed steps, 2 members
+    work = 60 * STEP_FLOP_PER_SAMPLE * args.steps * 2 / 1e9  # GFLOP of matmul in the timed steps, 2 members
     times: dict[str, list[float]] = {k: [] for k in WAYS}
     ceiling = []
     with tempfile.TemporaryDirectory() as tmp:
