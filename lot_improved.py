@@ -609,10 +609,14 @@ def lenet_backward(
 ) -> list[Tensor]:
     """Gradients [dw1, dw2, dw3, db1, db2, db3] of sum(dloss * per-sample loss): six batched
     matmuls. Consumes logp. out: optional buffers for the six gradients (saves allocations)."""
-    d1, d2, d3 = lenet_deltas(y, w, h1, h2, logp, dloss)
+    deltas = lenet_deltas(y, w, h1, h2, logp, dloss)
     out = out or [None] * 6
-    dw = [torch.bmm(d.transpose(1, 2), a, out=o) for d, a, o in zip((d1, d2, d3), (x, h1, h2), out[:3])]
-    return dw + [torch.sum(d, 1, out=o) for d, o in zip((d1, d2, d3), out[3:])]
+    return layer_grads(deltas, (x, h1, h2), out[:3]) + [torch.sum(d, 1, out=o) for d, o in zip(deltas, out[3:])]
+
+
+def layer_grads(deltas: Sequence[Tensor], inputs: Sequence[Tensor], out: Sequence[Tensor | None]) -> list[Tensor]:
+    """Weight gradients d^T a [M,out,in] of layers with pre-activation gradients d and inputs a."""
+    return [torch.bmm(d.transpose(1, 2), a, out=o) for d, a, o in zip(deltas, inputs, out)]
 
 
 class _StackedLeNetLoss(torch.autograd.Function):
@@ -1031,8 +1035,7 @@ class SparseFC1:
         losses = nll(logp, ym)
         d1, d2, d3 = lenet_deltas(ym, w, h1, h2, logp, 1.0 / x.shape[1])
         g = stack._grads
-        torch.bmm(d2.transpose(1, 2), h1, out=g[1])
-        torch.bmm(d3.transpose(1, 2), h2, out=g[2])
+        layer_grads((d2, d3), (h1, h2), g[1:3])
         for d, out in zip((d1, d2, d3), g[3:]):
             torch.sum(d, 1, out=out)
         for m, xm in enumerate(xs):
