@@ -164,10 +164,10 @@ class Config:
         default=False, metadata={"help": "wrap the network in nn.DataParallel across all visible GPUs"}
     )
     sparse: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": f"on CPU, train fc1 through sparse kernels in rounds where it keeps under {SPARSE_BELOW:.0%}% "
-            "of its weights: faster; equal to the dense engine within float rounding, not bit for bit"
+            "of its weights: faster; equal to the dense engine (--no-sparse) within float rounding, not bit for bit"
         },
     )
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint.pt"})

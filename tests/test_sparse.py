@@ -1,4 +1,4 @@
-"""--sparse: fc1 through sparse kernels on CPU computes the dense engine's maths, within float
+"""--sparse (the default): fc1 through sparse kernels on CPU computes the dense engine's maths, within float
 rounding, touching only live weights; a paused sparse round resumes to the same bytes."""
 
 import json
@@ -82,9 +82,9 @@ def test_a_sparse_run_matches_the_dense_run_within_float_rounding_with_the_same_
     made = []
     real = lot.SparseFC1.__init__
     monkeypatch.setattr(lot.SparseFC1, "__init__", lambda self, *a: made.append(1) or real(self, *a))
-    assert lot.main([*SPARSE_RUN, "--out", str(tmp_path / "dense")]) == 0
+    assert lot.main([*SPARSE_RUN, "--no-sparse", "--out", str(tmp_path / "dense")]) == 0
     assert not made
-    assert lot.main([*SPARSE_RUN, "--sparse", "--out", str(tmp_path / "sparse")]) == 0
+    assert lot.main([*SPARSE_RUN, "--out", str(tmp_path / "sparse")]) == 0  # --sparse is the default
     assert len(made) >= 2  # the last rounds ran sparse, the first of them round 7
     dense, sparse = (pd.read_csv(tmp_path / d / "results.csv") for d in ("dense", "sparse"))
     assert (dense.weights == sparse.weights).all()
