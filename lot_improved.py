@@ -850,10 +850,15 @@ class MaskedSGD:
 
     @torch.no_grad()
     def step(self) -> None:
+        self.update()
+        self.steps += 1
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """The step's arithmetic alone, no Python state: what a CUDA graph or torch.compile captures."""
         for param, grad, mask, buf in self.segments:
             buf.mul_(self.momentum).addcmul_(grad, mask)  # grad * mask is exact: same bits
             param.add_(buf, alpha=-self.lr)
-        self.steps += 1
 
 
 class MaskedAdam(MaskedSGD):
@@ -886,7 +891,7 @@ class MaskedAdam(MaskedSGD):
         self.count.zero_()
 
     @torch.no_grad()
-    def step(self) -> None:
+    def update(self) -> None:
         (beta1, beta2), lr = self.betas, self.lr
         self.count.add_(1)
         step_size = torch.pow(beta1, self.count).sub_(1).div_(lr).reciprocal_()  # -lr / (1 - beta1^t)
@@ -896,7 +901,6 @@ class MaskedAdam(MaskedSGD):
             buf.lerp_(grad, 1 - beta1)
             square.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             param.addcdiv_(buf, square.sqrt().div_(correction2).add_(self.eps).div_(step_size))
-        self.steps += 1
 
 
 def make_optimizer(cfg: Config, net: LeNetStack) -> MaskedSGD:
@@ -912,6 +916,14 @@ def train_on_masks(opt: MaskedSGD, masks: Sequence[Tensor]) -> None:
 
 def train_step(net: nn.Module, opt: MaskedSGD, train: Split, idx: Tensor) -> Tensor:
     """One optimiser step of every member on the batch idx [trials, B]: per-sample losses [M, B]."""
+    losses = batch_gradients(net, train, idx)
+    opt.step()
+    return losses
+
+
+def batch_gradients(net: nn.Module, train: Split, idx: Tensor) -> Tensor:
+    """Per-sample losses [M, B] of every member on the batch idx [trials, B], the gradients of
+    their batch means left in the stack's flat gradient."""
     stack = unwrap(net)
     flat = idx.reshape(-1)  # index_select copies a batch twice as fast as x[idx]
     x, y = train.x.index_select(0, flat).view(*idx.shape, -1), train.y.index_select(0, flat).view(idx.shape)
@@ -923,7 +935,6 @@ def train_step(net: nn.Module, opt: MaskedSGD, train: Split, idx: Tensor) -> Ten
         (losses.sum() / idx.shape[1]).backward()
         stack.grads()  # into the flat gradient the optimiser reads
         losses = losses.detach()
-    opt.step()
     return losses
 
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check and measurement in one call, for a machine with CUDA (see README "Speed"):
 #   1. the CUDA tests (graph replay bit-identical to eager steps, SGD and Adam);
-#   2. the full default run, timed:     python lot_improved.py --out results/trials1_cuda
-#   3. five trials stacked, timed:      python lot_improved.py --trials 5 (the goal: at most 1.3x one trial)
-#   4. the epoch benchmark on CUDA;
-#   5. the paper's experiment with the paper's five trials, timed (PAPER_S, 0 skips it):
+#   2. the step five ways, 1 and 5 trials (benchmarks/step_kernels.py: the present graph against K steps
+#      per graph and torch.compile, with and without a graph), into $OUT/step_kernels_cuda.json;
+#   3. the full default run, timed:     python lot_improved.py --out results/trials1_cuda
+#   4. five trials stacked, timed:      python lot_improved.py --trials 5 (the goal: at most 1.3x one trial)
+#   5. the epoch benchmark on CUDA;
+#   6. the paper's experiment with the paper's five trials, timed (PAPER_S, 0 skips it):
 #      python lot_improved.py --preset paper --trials 5 --reinit-draws 2 --out results/paper_cuda
 # Outputs (without checkpoints) come back as tarballs in $OUT, with the log.
 set -uo pipefail
@@ -19,6 +21,7 @@ rm -rf results/paper_cuda results/trials1_cuda
     echo "CUDA graph test FAILED: running eagerly"
     export LOT_CUDA_GRAPHS=0
   fi
+  timeout "${STEPS_S:-240}" python3 benchmarks/step_kernels.py --device cuda --json "$OUT/step_kernels_cuda.json"
   start=$(date +%s)
   timeout "${DEFAULT_S:-100}" python3 lot_improved.py --out results/trials1_cuda 2>&1 | tr '\r' '\n' | tail -30
   echo "default run: exit ${PIPESTATUS[0]}, $(($(date +%s) - start)) s"

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
 
 from benchmarks.epoch_throughput import STEP_FLOP_PER_SAMPLE
@@ -38,3 +39,36 @@ def test_a_missing_data_file_is_one_clear_error_and_exit_2(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith(f"--npz: no such file {tmp_path / 'none.npz'}")
+
+
+def test_the_step_benchmark_reports_each_way_against_the_engine_and_against_eager_weights(tmp_path):
+    out = tmp_path / "steps.json"
+    cmd = [sys.executable, "benchmarks/step_kernels.py", "--steps", "20", "--k", "10", "--trials", "1", "2"]
+    proc = subprocess.run(
+        [*cmd, "--repeats", "1", "--ways", "eager", "--json", str(out)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(out.read_text())
+    assert set(figures["trials"]) == {"1", "2"}
+    for ways in figures["trials"].values():
+        eager = ways["eager"]
+        assert eager["over_engine"] == 1.0 and eager["max_abs_diff_vs_eager"] == 0.0
+        assert eager["full_run_training_s"] == pytest.approx(eager["ms_per_step"] * 420, abs=0.1)
+    bad = subprocess.run([*cmd, "--ways", "graph"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "on cpu the ways are" in bad.stderr
+
+
+def test_k_steps_in_one_capture_are_the_k_single_steps_bit_for_bit(mnist):
+    from benchmarks.step_kernels import Setup, Steps
+
+    results = []
+    for multi in (False, True):
+        s = Setup(1, mnist[0], steps=4, seed=0)
+        steps = Steps("eager", s, k=4)
+        steps.multi = multi
+        if multi:  # what graph x4 captures: four steps on the rows of one [4, T, B] index
+            steps.batched(s.stack, s.opt, s.train, torch.stack(s.batches))
+        else:
+            steps.run(s.batches)
+        results.append(s.stack.flat.clone())
+    assert torch.equal(results[0], results[1]) and not torch.equal(results[0], Setup(1, mnist[0], 4, 0).stack.flat)
