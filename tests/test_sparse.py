@@ -13,16 +13,16 @@ from conftest import ROOT, lot
 
 from benchmarks.epoch_throughput import STEP_FLOP_PER_SAMPLE
 
-# 10 steps an epoch; fc1 falls under 20% of its weights from round 7 of global pruning.
-SPARSE_RUN = ["--train-subset", "600", "--epochs", "2", "--rounds", "8", "--device", "cpu"]
+# 10 steps an epoch; under 20% of the weights are left from round 8 (16.8%): rounds 8 and 9 run sparse.
+SPARSE_RUN = ["--train-subset", "600", "--epochs", "2", "--rounds", "9", "--device", "cpu"]
 
 
-def stack_with_masks(density: float, trials: int = 2, per_trial: int = 2, seed: int = 0):
+def stack_with_masks(density: float, trials: int = 2, per_trial: int = 2, seed: int = 0, rest: float = 0.5):
     gen = torch.Generator().manual_seed(seed)
     members = trials * per_trial
     stack = lot.LeNetStack(members, per_trial, torch.device("cpu"))
     masks = [
-        torch.rand(members, o, i, generator=gen) < (density if n == 0 else 0.5) for n, (o, i) in enumerate(lot.SHAPES)
+        torch.rand(members, o, i, generator=gen) < (density if n == 0 else rest) for n, (o, i) in enumerate(lot.SHAPES)
     ]
     inits = [lot.default_init(torch.Generator().manual_seed(seed + m)) for m in range(members)]
     stack.load(
@@ -39,7 +39,7 @@ def test_sparse_fc1_gives_the_dense_losses_and_gradients_within_float_rounding(m
     dense_losses = stack.backprop(x, y)
     dense_grads = [g.clone() for g in stack.grads()]
     opt = lot.MaskedSGD(stack, [m.float() for m in masks], lr=0.01, momentum=0.9)
-    sparse = lot.SparseFC1(stack, opt, masks[0])
+    sparse = lot.SparseFC1(stack, opt, masks[0], lot.pruning_level(masks))
     stack.flat_grad.zero_()  # every gradient must come from the sparse step
     losses = sparse.backprop(x, y)
     torch.testing.assert_close(losses, dense_losses, rtol=1e-5, atol=1e-6)
@@ -85,28 +85,54 @@ def test_a_sparse_run_matches_the_dense_run_within_float_rounding_with_the_same_
     assert lot.main([*SPARSE_RUN, "--no-sparse", "--out", str(tmp_path / "dense")]) == 0
     assert not made
     assert lot.main([*SPARSE_RUN, "--out", str(tmp_path / "sparse")]) == 0  # --sparse is the default
-    assert len(made) >= 2  # the last rounds ran sparse, the first of them round 7
+    assert len(made) == 2  # rounds 8 and 9 ran sparse
     dense, sparse = (pd.read_csv(tmp_path / d / "results.csv") for d in ("dense", "sparse"))
     assert (dense.weights == sparse.weights).all()
-    # Round 7 trains the same mask both ways; later masks come from sparse-trained weights, where a
+    # Round 8 trains the same mask both ways; round 9's comes from sparse-trained weights, where a
     # weight at the pruning threshold may go either way.
-    dense, sparse = dense[dense["round"] <= 7], sparse[sparse["round"] <= 7]
+    dense, sparse = dense[dense["round"] <= 8], sparse[sparse["round"] <= 8]
     assert (dense.test_acc - sparse.test_acc).abs().max() <= 0.5
     assert (dense.test_loss - sparse.test_loss).abs().max() <= 1e-3
     masks = [torch.load(tmp_path / d / "masks.pt") for d in ("dense", "sparse")]
-    assert all(torch.equal(masks[0][k][:, :8], masks[1][k][:, :8]) for k in masks[0])
+    assert all(torch.equal(masks[0][k][:, :9], masks[1][k][:, :9]) for k in masks[0])
 
 
 def test_evaluation_through_a_very_sparse_fc1_gives_the_dense_forward(mnist):
     test = mnist[1]
-    stack, masks = stack_with_masks(0.03)
+    stack, masks = stack_with_masks(0.03, rest=0.03)
     opt = lot.MaskedSGD(stack, [m.float() for m in masks], lr=0.01, momentum=0.9)
     sparse = lot.sparse_fc1(stack, opt, masks, True)
-    assert sparse.density < lot.SPARSE_EVAL_BELOW  # evaluate() goes through the CSR matrices
+    assert sparse.level < lot.SPARSE_EVAL_BELOW  # evaluate() goes through the CSR matrices
     for members in (range(0, 4), range(1, 3)):
         got = lot.members_forward(stack, members, test.x[:500], sparse)
         want = lot.members_forward(stack, members, test.x[:500])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_every_member_switches_to_sparse_steps_in_the_same_round_so_stacking_changes_no_numbers(tmp_path):
+    # Trial 0 alone and beside trial 1 (whose masks differ): the same bytes, sparse rounds included.
+    assert lot.main([*SPARSE_RUN, "--out", str(tmp_path / "one")]) == 0
+    assert lot.main([*SPARSE_RUN, "--trials", "2", "--out", str(tmp_path / "two")]) == 0
+    one, two = (pd.read_csv(tmp_path / d / "results.csv", dtype=str) for d in ("one", "two"))
+    two = two[two.trial == "0"].reset_index(drop=True)
+    assert len(one) == 20 and one.equals(two)
+
+
+def member_masks(fc1: float, rest: float) -> list:
+    """One member's random masks: fc1 at one density, fc2 and fc3 at another."""
+    return [torch.rand(1, o, i) < (fc1 if n == 0 else rest) for n, (o, i) in enumerate(lot.SHAPES)]
+
+
+def test_the_sparse_steps_begin_at_the_rounds_pruning_level_whatever_else_is_stacked():
+    a, b = member_masks(0.15, 0.5), member_masks(0.21, 0.02)  # both near 19% of the weights; b's fc1 over 20%
+    assert lot.pruning_level(a) < lot.SPARSE_BELOW and lot.pruning_level(b) < lot.SPARSE_BELOW
+    for stacked in (a, [torch.cat(pair) for pair in zip(a, b)]):
+        stack = lot.LeNetStack(len(stacked[0]), 1, torch.device("cpu"))
+        opt = lot.MaskedSGD(stack, [m.float() for m in stacked], lr=0.01, momentum=0.9)
+        assert lot.sparse_fc1(stack, opt, stacked, True) is not None
+    dense_level = member_masks(0.15, 0.9)  # fc1 under 20%, the level over it
+    assert lot.pruning_level(dense_level) > lot.SPARSE_BELOW
+    assert lot.sparse_fc1(stack, opt, [torch.cat([m, m]) for m in dense_level], True) is None
 
 
 def test_a_paused_sparse_round_resumes_to_the_same_bytes(tmp_path, monkeypatch):
