@@ -72,9 +72,10 @@ Tensor = torch.Tensor
 
 
 # --sparse: the pruning level (fraction of prunable weights alive) under which fc1, 88% of the
-# weights and the layer pruned hardest, trains through sparse kernels on a CPU: they beat a dense
-# matmul below about 20% of fc1. A level, not each mask's density: every member of a round shares
-# it, so all switch in the same round whatever the stack holds (--trials, torchrun ranks, variants).
+# weights, trains through sparse kernels on a CPU; they beat a dense matmul below about 20% of fc1,
+# which global pruning reaches a round earlier (fc1 is pruned hardest). A level, not each mask's
+# density: every member of a round shares it, so all switch in the same round whatever the stack
+# holds (--trials, torchrun ranks, variants). Tuned on a 2-core AMD EPYC.
 SPARSE_BELOW = 0.2
 SPARSE_EVAL_BELOW = 0.05  # ... and under which they also carry evaluate()'s 10,000-image forward passes
 
@@ -2497,7 +2498,8 @@ def build_parser() -> argparse.ArgumentParser:
     types = typing.get_type_hints(Config, globals())  # this namespace, also when pasted into a cell
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        default = "off" if f.default is False else "all" if f.name == "train_subset" else f.default
+        default = "off" if f.default is False else "on" if f.default is True else f.default
+        default = "all" if f.name == "train_subset" else default
         default = "none" if default is None else default
         text = f"{f.metadata['help']} (default: {default})"
         kind = next((t for t in typing.get_args(types[f.name]) if t is not type(None)), types[f.name])  # Optional[X]: X
@@ -2623,6 +2625,11 @@ def saved_run(cfg: Config, ranks: Ranks, device: torch.device) -> tuple[RunState
         warn(
             f"resuming on {device} a run begun on {saved['device']}: later numbers may differ in the "
             "last bits from an uninterrupted run"
+        )
+    if state and saved["config"].get("sparse", False) != cfg.sparse:  # runs from before --sparse were dense
+        warn(
+            f"resuming {'with' if cfg.sparse else 'without'} --sparse a run begun "
+            f"{'without' if cfg.sparse else 'with'} it: later sparse rounds may differ in the last bits"
         )
     return state, saved
 

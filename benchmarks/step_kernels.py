@@ -12,8 +12,9 @@ and latency, not its arithmetic. Ways (each from the same weights, on the same b
 A way that fails (a compiler missing, say) is reported and skipped. After each way's timed steps its
 weights are compared with eager's: graphs replay eager's kernels (difference 0), compiled code fuses
 them (float rounding, far below a wrong step's 1e-3). For each trial count: ms per step, kernels per
-step (CUDA profiler), each ratio to the engine's way (graph on CUDA, eager on CPU), and the training
-part of a full default run at that rate.
+step (CUDA profiler, eager and compiled; a graph replays the same kernels), each ratio to the
+engine's way (graph on CUDA, eager on CPU), and the training part of a full default run at that
+rate. Each way is printed, and the JSON rewritten, as it ends: a timeout keeps what was measured.
 
     python benchmarks/step_kernels.py --device cuda --json step_kernels_cuda.json
     python benchmarks/step_kernels.py --steps 100 --trials 1     # on CPU: eager against compiled
@@ -74,8 +75,11 @@ class Steps:
 
     def __init__(self, way: str, s: Setup, k: int):
         self.s, self.k, self.graph, self.multi = s, k, None, False
-        self.fn = torch.compile(step_arithmetic) if way.startswith("compiled") else step_arithmetic
-        if "graph" in way:
+        # dynamic=False: each trial count gets kernels for its own shapes, as a run would
+        self.fn = torch.compile(step_arithmetic, dynamic=False) if way.startswith("compiled") else step_arithmetic
+        if way == "graph":  # the engine's own graph, unpatched: what runs on CUDA today
+            self.graph = lot.StepGraph(s.stack, s.opt, s.train, tuple(s.batches[0].shape))
+        elif "graph" in way:
             shape = (k, *s.batches[0].shape) if way == "graph xK" else tuple(s.batches[0].shape)
             self.graph = self.capture(shape, way == "graph xK")
 
@@ -100,6 +104,7 @@ class Steps:
         elif self.multi:
             for i in range(0, len(batches), self.k):
                 self.graph.step(s.opt, torch.stack(batches[i : i + self.k]))
+                s.opt.steps += self.k - 1  # StepGraph.step counts one
         else:
             for idx in batches:
                 self.graph.step(s.opt, idx)
@@ -113,7 +118,11 @@ def kernels_per_step(steps: Steps, batches: list[torch.Tensor]) -> float | None:
     with torch.profiler.profile(activities=[activity]) as prof:
         steps.run(batches)
         sync(steps.s.train.x.device)
-    launched = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    launched = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+    ]
     return len(launched) / len(batches)
 
 
@@ -138,30 +147,52 @@ WAYS = ("eager", "graph", "graph xK", "compiled", "compiled graph")
 CPU_WAYS = ("eager", "compiled")  # CUDA graphs need CUDA
 
 
-def measure(trials: int, train: lot.Split, args: argparse.Namespace) -> dict:
-    """Every way for one trial count: timings, and each way's weights against eager's."""
+def measure(trials: int, train: lot.Split, args: argparse.Namespace, done: dict) -> None:
+    """Every way for one trial count into done[trials]: timings, and each way's weights against
+    eager's. Each way is reported (and the JSON rewritten) as it ends, so a timeout keeps the rest."""
+    torch._dynamo.reset()  # compiled code of another trial count would only add guards
     s = Setup(trials, train, args.steps, args.seed)
-    figures, final = {}, {}
+    figures = done.setdefault(str(trials), {})
     for way in args.ways:
         try:
             figures[way] = time_way(way, s, args.k, args.repeats)
         except Exception as e:  # a way this machine cannot run: say why, go on with the others
+            if way == "eager":
+                raise
             print(f"{trials} trial(s), {way}: skipped: {lot.one_line(e)}", file=sys.stderr)
             traceback.print_exc(limit=3)
             continue
-        final[way] = s.stack.flat.clone()
-        figures[way]["max_abs_diff_vs_eager"] = float((final[way] - final["eager"]).abs().max())
-    base = figures.get("graph") or figures["eager"]
-    for f in figures.values():
-        f["over_engine"] = round(f["ms_per_step"] / base["ms_per_step"], 3)
-        f["full_run_training_s"] = round(f["ms_per_step"] * FULL_RUN_STEPS / 1e3, 1)
-    return figures
+        if way == "eager":
+            eager = s.stack.flat.clone()
+        figures[way]["max_abs_diff_vs_eager"] = float((s.stack.flat - eager).abs().max())
+        report(done, args)
+
+
+def report(done: dict, args: argparse.Namespace) -> None:
+    """Ratios against the engine's way (graph where measured, else eager), printed and written."""
+    for figures in done.values():
+        base = figures.get("graph") or figures["eager"]
+        for f in figures.values():
+            f["over_engine"] = round(f["ms_per_step"] / base["ms_per_step"], 3)
+            f["full_run_training_s"] = round(f["ms_per_step"] * FULL_RUN_STEPS / 1e3, 1)
+    t, figures = list(done.items())[-1]
+    way, f = list(figures.items())[-1]
+    kernels = f"{f['kernels_per_step']:.0f}" if f["kernels_per_step"] is not None else "-"
+    print(
+        f"{t} trial(s) {way.replace('xK', f'x{args.k}'):15s} {f['ms_per_step']:.4f} ms/step "
+        f"({f['over_engine']:.2f}x the engine so far), kernels/step {kernels:>3s}, full run's training "
+        f"{f['full_run_training_s']:.0f} s, max |w - eager| {f['max_abs_diff_vs_eager']:.1e}",
+        flush=True,
+    )
+    if args.json:
+        payload = {"device_model": args.model, **args.env, "steps": args.steps, "k": args.k, "repeats": args.repeats}
+        lot.write_text(Path(args.json), json.dumps({**payload, "trials": done}, indent=2) + "\n")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    parser.add_argument("--steps", type=int, default=1000, help="timed steps per repeat (a multiple of --k)")
+    parser.add_argument("--steps", type=int, default=1000, help="timed steps per repeat (a multiple of --k, <= 1000)")
     parser.add_argument("--k", type=int, default=10, help="steps per graph for graph xK")
     parser.add_argument("--trials", type=int, nargs="+", default=[1, 5], help="trial counts (2 members each)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -170,30 +201,25 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
-    if args.steps < 2 * args.k or args.steps % args.k or args.k < 1 or args.repeats < 1 or min(args.trials) < 1:
-        parser.error("--steps must be a multiple of --k and at least 2 --k; --k, --repeats, --trials positive")
+    if not (args.k >= 1 and 2 * args.k <= args.steps <= 1000 and args.steps % args.k == 0):
+        parser.error("--steps must be a multiple of --k, at least 2 --k and at most 1000 (one epoch)")
+    if args.repeats < 1 or min(args.trials) < 1:
+        parser.error("--repeats and --trials must be positive")
     device = lot.resolve_device(args.device)
     possible = WAYS if device.type == "cuda" else CPU_WAYS
     if not set(args.ways or ()) <= set(possible):
         parser.error(f"on {device.type} the ways are {', '.join(possible)}")
     args.ways = ["eager", *[w for w in args.ways or possible if w != "eager"]]
     train = lot.load_mnist(args.npz, device)[0]
-    env = lot.environment()
-    model = env["cuda_device"] or lot.cpu_model()
-    print(f"device {device} ({model}, {env['cpu_threads']} threads), torch {env['torch']}, {args.steps} steps")
-    results = {str(t): measure(t, train, args) for t in args.trials}
-    for t, figures in results.items():
-        for way, f in figures.items():
-            label = way.replace("xK", f"x{args.k}")
-            kernels = f"{f['kernels_per_step']:.0f}" if f["kernels_per_step"] is not None else "-"
-            print(
-                f"{t} trial(s) {label:15s} {f['ms_per_step']:.4f} ms/step ({f['over_engine']:.2f}x the engine), "
-                f"kernels/step {kernels:>3s}, full run's training {f['full_run_training_s']:.0f} s, "
-                f"max |w - eager| {f['max_abs_diff_vs_eager']:.1e}"
-            )
-    if args.json:
-        payload = {"device_model": model, **env, "steps": args.steps, "k": args.k, "repeats": args.repeats}
-        lot.write_text(Path(args.json), json.dumps({**payload, "trials": results}, indent=2) + "\n")
+    args.env = lot.environment()
+    args.model = args.env["cuda_device"] or lot.cpu_model()
+    print(f"device {device} ({args.model}, {args.env['cpu_threads']} threads), torch {args.env['torch']}")
+    done: dict = {}
+    for t in args.trials:
+        measure(t, train, args, done)
+    print("ratios against the engine's way, all measured:")
+    for t, figures in done.items():
+        print(f"  {t} trial(s): " + ", ".join(f"{w} {f['over_engine']:.2f}x" for w, f in figures.items()))
     return 0
 
 

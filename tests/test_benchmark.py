@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, lot
 
 from benchmarks.epoch_throughput import STEP_FLOP_PER_SAMPLE
 
@@ -41,24 +41,27 @@ def test_a_missing_data_file_is_one_clear_error_and_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].endswith(f"--npz: no such file {tmp_path / 'none.npz'}")
 
 
-def test_the_step_benchmark_reports_each_way_against_the_engine_and_against_eager_weights(tmp_path):
+def test_the_step_benchmark_reports_every_trial_count_with_its_full_run_estimate_and_refuses_graphs_on_cpu(tmp_path):
     out = tmp_path / "steps.json"
     cmd = [sys.executable, "benchmarks/step_kernels.py", "--steps", "20", "--k", "10", "--trials", "1", "2"]
     proc = subprocess.run(
-        [*cmd, "--repeats", "1", "--ways", "eager", "--json", str(out)], cwd=ROOT, capture_output=True, text=True
+        [*cmd, "--repeats", "1", "--ways", "eager", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(out.read_text())
     assert set(figures["trials"]) == {"1", "2"}
     for ways in figures["trials"].values():
         eager = ways["eager"]
-        assert eager["over_engine"] == 1.0 and eager["max_abs_diff_vs_eager"] == 0.0
         assert eager["full_run_training_s"] == pytest.approx(eager["ms_per_step"] * 420, abs=0.1)
-    bad = subprocess.run([*cmd, "--ways", "graph"], cwd=ROOT, capture_output=True, text=True)
+    bad = subprocess.run([*cmd, "--ways", "graph"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "on cpu the ways are" in bad.stderr
 
 
-def test_k_steps_in_one_capture_are_the_k_single_steps_bit_for_bit(mnist):
+def test_the_rows_of_one_k_step_index_are_k_steps_in_order(mnist):
     from benchmarks.step_kernels import Setup, Steps
 
     results = []
@@ -72,3 +75,16 @@ def test_k_steps_in_one_capture_are_the_k_single_steps_bit_for_bit(mnist):
             steps.run(s.batches)
         results.append(s.stack.flat.clone())
     assert torch.equal(results[0], results[1]) and not torch.equal(results[0], Setup(1, mnist[0], 4, 0).stack.flat)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_cuda_graph_ways_replay_the_eager_steps_bit_for_bit():
+    from benchmarks.step_kernels import Setup, Steps
+
+    train = lot.load_mnist(str(ROOT / "data"), torch.device("cuda"))[0]
+    final = {}
+    for way in ("eager", "graph", "graph xK"):
+        s = Setup(1, train, steps=20, seed=0)
+        Steps(way, s, k=10).run(s.batches)
+        final[way] = s.stack.flat.clone()
+    assert torch.equal(final["graph"], final["eager"]) and torch.equal(final["graph xK"], final["eager"])

@@ -118,25 +118,29 @@ def test_every_member_switches_to_sparse_steps_in_the_same_round_so_stacking_cha
     assert len(one) == 20 and one.equals(two)
 
 
-def member_masks(fc1: float, rest: float) -> list:
+def one_member_masks(fc1: float, rest: float, seed: int = 0) -> list:
     """One member's random masks: fc1 at one density, fc2 and fc3 at another."""
-    return [torch.rand(1, o, i) < (fc1 if n == 0 else rest) for n, (o, i) in enumerate(lot.SHAPES)]
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(1, o, i, generator=gen) < (fc1 if n == 0 else rest) for n, (o, i) in enumerate(lot.SHAPES)]
+
+
+def sparse_steps_for(stacked: list) -> lot.SparseFC1 | None:
+    stack = lot.LeNetStack(len(stacked[0]), 1, torch.device("cpu"))
+    opt = lot.MaskedSGD(stack, [m.float() for m in stacked], lr=0.01, momentum=0.9)
+    return lot.sparse_fc1(stack, opt, stacked, True)
 
 
 def test_the_sparse_steps_begin_at_the_rounds_pruning_level_whatever_else_is_stacked():
-    a, b = member_masks(0.15, 0.5), member_masks(0.21, 0.02)  # both near 19% of the weights; b's fc1 over 20%
+    a, b = one_member_masks(0.15, 0.5), one_member_masks(0.21, 0.02, seed=1)  # both ~19% left; b's fc1 over 20%
     assert lot.pruning_level(a) < lot.SPARSE_BELOW and lot.pruning_level(b) < lot.SPARSE_BELOW
-    for stacked in (a, [torch.cat(pair) for pair in zip(a, b)]):
-        stack = lot.LeNetStack(len(stacked[0]), 1, torch.device("cpu"))
-        opt = lot.MaskedSGD(stack, [m.float() for m in stacked], lr=0.01, momentum=0.9)
-        assert lot.sparse_fc1(stack, opt, stacked, True) is not None
-    dense_level = member_masks(0.15, 0.9)  # fc1 under 20%, the level over it
-    assert lot.pruning_level(dense_level) > lot.SPARSE_BELOW
-    assert lot.sparse_fc1(stack, opt, [torch.cat([m, m]) for m in dense_level], True) is None
+    assert sparse_steps_for(a) is not None
+    assert sparse_steps_for([torch.cat(pair) for pair in zip(a, b)]) is not None  # a per-member rule: dense
+    level_over = one_member_masks(0.15, 0.9)  # fc1 under 20%, the level over it
+    assert lot.pruning_level(level_over) > lot.SPARSE_BELOW and sparse_steps_for(level_over) is None
 
 
 def test_a_paused_sparse_round_resumes_to_the_same_bytes(tmp_path, monkeypatch):
-    assert lot.main([*SPARSE_RUN, "--sparse", "--out", str(tmp_path / "whole")]) == 0
+    assert lot.main([*SPARSE_RUN, "--out", str(tmp_path / "whole")]) == 0
     calls = {"n": 0}
 
     def stop_in_round_8(self):  # the 8th step of round 8's second epoch
@@ -147,11 +151,11 @@ def test_a_paused_sparse_round_resumes_to_the_same_bytes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lot.StopSignal, "__call__", stop_in_round_8)
     out = tmp_path / "paused"
-    assert lot.main([*SPARSE_RUN, "--sparse", "--out", str(out)]) == 130
+    assert lot.main([*SPARSE_RUN, "--out", str(out)]) == 130
     saved = lot.load_checkpoint(out)[0]
     assert (saved.round, saved.epoch, saved.step) == (8, 2, 8)
     monkeypatch.undo()
-    assert lot.main([*SPARSE_RUN, "--sparse", "--out", str(out), "--resume"]) == 0
+    assert lot.main([*SPARSE_RUN, "--out", str(out), "--resume"]) == 0
     for name in ("results.csv", "curves.csv", "masks.pt"):
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
@@ -176,3 +180,13 @@ def test_the_whole_run_benchmark_reports_every_round_against_the_floor_of_the_sa
             figures[f"{way}_wall_s"][0] / figures["floor_s"], rel=0.005
         )
     assert f"{figures['dense_over_floor']:.2f}x" in proc.stdout
+
+
+def test_resuming_a_dense_run_on_the_sparse_engine_says_the_numbers_may_move(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lot.StopSignal, "__call__", lambda self: True)  # pause after the first step
+    out = tmp_path / "run"
+    assert lot.main([*SPARSE_RUN, "--no-sparse", "--out", str(out)]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert lot.main([*SPARSE_RUN, "--out", str(out), "--resume"]) == 0
+    assert "resuming with --sparse a run begun without it" in capsys.readouterr().err
