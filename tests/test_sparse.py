@@ -175,7 +175,8 @@ def test_the_whole_run_benchmark_reports_every_round_against_the_floor_of_the_sa
     for way in ("dense", "sparse"):
         rounds, ratios = figures[f"{way}_round_s"], figures[f"{way}_round_over_floor"]
         assert len(rounds) == len(ratios) == 3
-        assert ratios == pytest.approx([t / figures["floor_round_s"] for t in rounds], abs=0.006)
+        # ratios are rounded to 0.01, floor_round_s (about 0.7 ms here) to 1 us: 0.1% of a ratio
+        assert ratios == pytest.approx([t / figures["floor_round_s"] for t in rounds], rel=2e-3, abs=0.006)
         assert figures[f"{way}_over_floor"] == pytest.approx(
             figures[f"{way}_wall_s"][0] / figures["floor_s"], rel=0.005
         )
