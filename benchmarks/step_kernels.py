@@ -85,8 +85,9 @@ class Steps:
 
     def batched(self, stack: lot.LeNetStack, opt: lot.MaskedSGD, train: lot.Split, idx: torch.Tensor) -> torch.Tensor:
         """What StepGraph captures in place of lot.train_step: one step, or one per row of idx."""
-        rows = idx if self.multi else idx.unsqueeze(0)
-        return sum(self.fn(stack, opt, train, row) for row in rows)
+        if not self.multi:
+            return self.fn(stack, opt, train, idx)
+        return torch.stack([self.fn(stack, opt, train, row) for row in idx]).sum(0)
 
     def capture(self, shape: tuple[int, ...], multi: bool) -> lot.StepGraph:
         self.multi = multi

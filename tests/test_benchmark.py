@@ -59,6 +59,9 @@ def test_the_step_benchmark_reports_every_trial_count_with_its_full_run_estimate
         assert eager["full_run_training_s"] == pytest.approx(eager["ms_per_step"] * 420, abs=0.1)
     bad = subprocess.run([*cmd, "--ways", "graph"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "on cpu the ways are" in bad.stderr
+    past_an_epoch = [sys.executable, "benchmarks/step_kernels.py", "--steps", "2000"]
+    bad = subprocess.run(past_an_epoch, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "at most 1000 (one epoch)" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_the_rows_of_one_k_step_index_are_k_steps_in_order(mnist):

@@ -131,6 +131,8 @@ def test_help_documents_every_flag():
     for f in lot.dataclasses.fields(lot.Config):
         assert "--" + f.name.replace("_", "-") in proc.stdout
         assert f.metadata["help"].split()[0] in proc.stdout
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    assert "bit for bit (default: on)" in text and "(default: off)" in text and "stacked (default: 1)" in text
 
 
 BAD_INPUTS = {
