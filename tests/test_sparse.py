@@ -78,6 +78,23 @@ def test_a_sparse_step_updates_live_weights_like_the_dense_step_and_never_touche
         torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)
 
 
+def test_the_sparse_forward_reads_the_weights_the_optimiser_has_just_written(mnist):
+    # The CSR matrices are built once a round and share fc1's live values with the optimiser.
+    train, test = mnist
+    stack, masks = stack_with_masks(0.03, rest=0.03)
+    opt = lot.MaskedSGD(stack, [m.float() for m in masks], lr=0.5, momentum=0.9)
+    sparse = lot.sparse_fc1(stack, opt, masks, True)
+    before = lot.members_forward(stack, range(4), test.x[:500], sparse).clone()
+    x, y = train.x[:120].view(2, 60, -1), train.y[:120].view(2, 60)
+    for _ in range(3):
+        sparse.backprop(x, y)
+        opt.step()
+    got = lot.members_forward(stack, range(4), test.x[:500], sparse)
+    sparse.sync()
+    torch.testing.assert_close(got, lot.members_forward(stack, range(4), test.x[:500]), rtol=1e-5, atol=1e-5)
+    assert (got - before).abs().max() > 0.1  # the steps moved the outputs: the check above could fail
+
+
 def test_a_sparse_run_matches_the_dense_run_within_float_rounding_with_the_same_masks(tmp_path, monkeypatch):
     made = []
     real = lot.SparseFC1.__init__
