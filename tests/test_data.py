@@ -17,13 +17,19 @@ def test_bundled_npz_is_real_mnist_normalised_with_the_standard_constants(mnist)
     assert abs(train.x.mean().item()) < 1e-3 and abs(train.x.std().item() - 1.0) < 1e-3
 
 
-def test_normalising_is_float32_arithmetic_element_by_element_so_its_bits_never_depend_on_how_it_runs():
+def test_normalising_is_numpys_float32_arithmetic_bit_for_bit_on_one_thread_or_all():
     images = np.random.default_rng(0).integers(0, 256, size=(1000, 28, 28), dtype=np.uint8)
     images.setflags(write=False)  # as some loaders hand them over: read only, and never written
     want = (images.reshape(1000, -1).astype(np.float32) / np.float32(255) - np.float32(lot.MNIST_MEAN)) / np.float32(
         lot.MNIST_STD
     )
     assert torch.equal(lot.normalise(images), torch.from_numpy(want))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(lot.normalise(images), torch.from_numpy(want))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_train_subset_takes_the_first_n_images(tmp_path):
