@@ -17,17 +17,17 @@ def test_bundled_npz_is_real_mnist_normalised_with_the_standard_constants(mnist)
     assert abs(train.x.mean().item()) < 1e-3 and abs(train.x.std().item() - 1.0) < 1e-3
 
 
-def test_normalising_is_numpys_float32_arithmetic_bit_for_bit_on_one_thread_or_all():
+def test_normalising_is_x_over_255_less_the_mean_over_the_std_with_the_same_bits_on_one_thread_or_all():
     images = np.random.default_rng(0).integers(0, 256, size=(1000, 28, 28), dtype=np.uint8)
     images.setflags(write=False)  # as some loaders hand them over: read only, and never written
-    want = (images.reshape(1000, -1).astype(np.float32) / np.float32(255) - np.float32(lot.MNIST_MEAN)) / np.float32(
-        lot.MNIST_STD
-    )
-    assert torch.equal(lot.normalise(images), torch.from_numpy(want))
+    want = (images.reshape(1000, -1) / 255.0 - lot.MNIST_MEAN) / lot.MNIST_STD  # numpy, float64: another computation
+    got = lot.normalise(images)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.from_numpy(want).float())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert torch.equal(lot.normalise(images), torch.from_numpy(want))
+        assert torch.equal(lot.normalise(images), got)  # the same computation on one thread
     finally:
         torch.set_num_threads(threads)
 
