@@ -19,8 +19,8 @@ Run:
     python lot_improved.py --help          # every flag
     torchrun --standalone --nproc-per-node 4 lot_improved.py --trials 8   # trials spread over processes
 
-Result (results/trials3/, 3 trials, 2-core AMD EPYC, 53 min): at 1.15% of the weights the
-ticket reaches 97.55 +- 0.07% test accuracy and the control 96.70 +- 0.28% (dense: 98.29 +- 0.03%).
+Result (results/trials3/summary.md, 3 trials, 2-core AMD EPYC, 17 min): at 1.15% of the weights
+the ticket reaches 97.52 +- 0.23% test accuracy and the control 96.35 +- 0.31% (dense: 98.29 +- 0.03%).
 
 Beside tickets and controls it trains, on request, random-mask controls, one-shot and
 late-rewound tickets (--controls, --oneshot, --rewind-to), with early stopping on a validation
@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -168,11 +169,12 @@ class Config:
     data_parallel: bool = field(
         default=False, metadata={"help": "wrap the network in nn.DataParallel across all visible GPUs"}
     )
-    sparse: bool = field(
-        default=True,
+    sparse: bool | None = field(
+        default=None,
         metadata={
-            "help": f"on CPU, train fc1 through sparse kernels in rounds with under {SPARSE_BELOW:.0%}% of the weights "
-            "left: faster; equal to the dense engine (--no-sparse) within float rounding, not bit for bit"
+            "help": f"on CPU, train fc1 through sparse CSR kernels in rounds with under {SPARSE_BELOW:.0%}% of the "
+            "weights left: faster; equal to the dense engine (--no-sparse) within float rounding, not bit for bit; "
+            "uses MKL"
         },
     )
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint.pt"})
@@ -264,6 +266,17 @@ def validate(cfg: Config) -> None:
         raise UsageError("--reinit-draws needs the reinit control (--controls reinit,...)")
     if cfg.layer_rates is not None and cfg.scope == "global":
         raise UsageError("--layer-rates needs --scope layer (global pruning ranks all layers with --prune-rate)")
+    if cfg.sparse and not torch.backends.mkl.is_available():
+        raise UsageError(
+            "--sparse needs PyTorch built with MKL, whose CSR kernels it uses; this build has none "
+            "(torch.backends.mkl.is_available() is False): leave the flag out and fc1 trains dense"
+        )
+
+
+def sparse_engine(cfg: Config) -> bool:
+    """--sparse as given, else on where PyTorch has MKL: its CSR products were tuned against MKL,
+    and builds without it (macOS, aarch64) fall back to slower kernels or refuse."""
+    return torch.backends.mkl.is_available() if cfg.sparse is None else cfg.sparse
 
 
 def layer_rates(cfg: Config) -> tuple[float, ...]:
@@ -368,13 +381,14 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     if local_rank is not None and spec in ("auto", "cuda") and (spec == "cuda" or torch.cuda.is_available()):
         spec = f"cuda:{local_rank}"
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UsageError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
-        index = int(spec.split(":")[1]) if ":" in spec else 0
+        index = int(spec.split(":")[1]) if ":" in spec else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
             raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device("cuda", index)  # always with its index: the run's work is scoped to it
     return torch.device(spec)
 
 
@@ -430,13 +444,28 @@ def load_npz(path: Path) -> tuple[np.ndarray, ...]:
     return arrays
 
 
+@contextlib.contextmanager
+def download_lock(root: Path) -> Iterator[None]:
+    """Downloads into root one process at a time: torchrun's processes all load the data as they
+    start, and two writing the same files would corrupt them. The first downloads; the others
+    then find the files. (No lock where the OS has no flock: Windows.)"""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".download.lock", "a") as f:
+        with contextlib.suppress(ImportError):
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def load_torchvision(root: Path) -> tuple[np.ndarray, ...]:
     """The pasted-notebook path: torchvision downloads MNIST (or finds its raw files) under root."""
     try:
         from torchvision import datasets
 
-        train = datasets.MNIST(str(root), train=True, download=True)
-        test = datasets.MNIST(str(root), train=False, download=True)
+        with download_lock(root):
+            train = datasets.MNIST(str(root), train=True, download=True)
+            test = datasets.MNIST(str(root), train=False, download=True)
     except Exception as e:
         raise UsageError(
             f"MNIST not found: no {NPZ_NAME} in {root} and torchvision could not download it "
@@ -480,9 +509,10 @@ def load_transfer_arrays(cfg: Config) -> tuple[np.ndarray, ...]:
     try:
         from torchvision import datasets
 
-        root = str(Path(cfg.data_dir) if Path(cfg.data_dir).suffix != ".npz" else Path(cfg.data_dir).parent)
-        train = datasets.FashionMNIST(root, train=True, download=True)
-        test = datasets.FashionMNIST(root, train=False, download=True)
+        root = Path(cfg.data_dir) if Path(cfg.data_dir).suffix != ".npz" else Path(cfg.data_dir).parent
+        with download_lock(root):
+            train = datasets.FashionMNIST(str(root), train=True, download=True)
+            test = datasets.FashionMNIST(str(root), train=False, download=True)
     except Exception as e:
         raise UsageError(
             f"Fashion-MNIST not found: torchvision could not download it into {cfg.data_dir} ({type(e).__name__}: "
@@ -951,35 +981,45 @@ def batch_gradients(net: nn.Module, train: Split, idx: Tensor) -> Tensor:
     return losses
 
 
-CUDA_GRAPHS = os.environ.get("LOT_CUDA_GRAPHS", "1") != "0"  # LOT_CUDA_GRAPHS=0: CUDA steps run eagerly
+def cuda_graphs() -> bool:
+    """LOT_CUDA_GRAPHS=0 runs CUDA steps eagerly (same numbers). Read when used, not at import:
+    a notebook sets it in a cell after pasting the script."""
+    return os.environ.get("LOT_CUDA_GRAPHS", "1") != "0"
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes device the current CUDA device, for what CUDA creates on "the current device"
+    (streams, graphs and their memory pools): on cuda:1 they must live on cuda:1, not cuda:0."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class StepGraph:
-    """A full-batch optimiser step of a stack, and the running loss sum, captured as one CUDA graph. A
-    GPU step of these small layers costs its kernel launches, not its arithmetic; a replay
-    launches them all at once. The replay runs the same kernels on the same buffers, so the
-    numbers keep their bits (the parameters, optimiser and masks are updated in place)."""
+    """A full-batch optimiser step of a stack, and the running loss sum, captured as one CUDA graph
+    on the data's device. A GPU step of these small layers costs its kernel launches, not its
+    arithmetic; a replay launches them all at once. The replay runs the same kernels on the same
+    buffers, so the numbers keep their bits (the parameters, optimiser and masks are updated in place)."""
 
-    def __init__(self, stack: LeNetStack, opt: MaskedSGD, train: Split, shape: tuple[int, int]):
+    def __init__(self, stack: LeNetStack, opt: MaskedSGD, train: Split, shape: tuple[int, int], device: torch.device):
         self.idx = torch.zeros(shape, dtype=torch.long, device=train.x.device)
         self.total = torch.zeros(stack.members, device=train.x.device)
         saved, steps = [t.clone() for t in opt.state()], opt.steps
         params = opt.param.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up steps, as capture requires; undone below
-            for _ in range(2):
+        with on_device(device):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up steps, as capture requires; undone below
+                for _ in range(2):
+                    self.total += train_step(stack, opt, train, self.idx).sum(1)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
                 self.total += train_step(stack, opt, train, self.idx).sum(1)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.total += train_step(stack, opt, train, self.idx).sum(1)
         opt.param.copy_(params)
         opt.restore(saved, steps)
 
     def step(self, opt: MaskedSGD, idx: Tensor) -> None:
         self.idx.copy_(idx)
-        self.graph.replay()
+        self.graph.replay()  # on its capture device, whichever is current
         opt.steps += 1
 
 
@@ -987,11 +1027,12 @@ def step_graph(net: nn.Module, opt: MaskedSGD, train: Split, shape: tuple[int, i
     """The stack's graph for this optimiser, data and batch shape (captured once), where one
     applies: CUDA and the stacked fast path (not nn.DataParallel)."""
     stack = unwrap(net)
-    if not (CUDA_GRAPHS and train.x.is_cuda and net is stack):
+    if not (cuda_graphs() and train.x.is_cuda and net is stack):
         return None
     key = (id(opt), id(train), shape)
     if key not in stack._graphs:
-        stack._graphs[key] = (opt, train, StepGraph(stack, opt, train, shape))  # opt, train kept: ids stay theirs
+        graph = StepGraph(stack, opt, train, shape, train.x.device)
+        stack._graphs[key] = (opt, train, graph)  # opt, train kept: ids stay theirs
     return stack._graphs[key][2]
 
 
@@ -1205,6 +1246,7 @@ class RunState:
     round_s: list[float] = field(
         default_factory=list
     )  # wall time of each finished round (of a resumed one: since resuming)
+    csr_rounds: list[int] = field(default_factory=list)  # rounds whose fc1 trained through CSR kernels (--sparse)
 
 
 class Paused(Exception):
@@ -1476,10 +1518,11 @@ class Experiment:
         self.val = Split(train.x[val_index.to(device)], train.y[val_index.to(device)])  # [trials, val_size, ...]
         net: nn.Module = LeNetStack(len(self.trials) * len(plan.names), len(plan.names), device)
         if cfg.data_parallel:
-            if device.type == "cuda" and torch.cuda.device_count() > 1:
-                net = nn.DataParallel(net, dim=1)
+            if device.type == "cuda":  # every visible GPU, the run's own first (it gathers the gradients)
+                others = [i for i in range(torch.cuda.device_count()) if i != device.index]
+                net = nn.DataParallel(net, device_ids=[device.index, *others], dim=1)
             else:
-                warn("--data-parallel needs more than one visible GPU; training on one device")
+                warn("--data-parallel needs CUDA; training on the CPU without it")
         self.stack = unwrap(net)
         opt = make_optimizer(cfg, self.stack)
         if state.params:
@@ -1555,7 +1598,11 @@ class Experiment:
         masks = [member_masks(plan.cfg, state, t, v, state.round) for t in range(len(self.trials)) for v in plan.names]
         stacked = stack_members(masks, self.stack.flat.device)
         train_on_masks(opt, stacked)
-        self.stack.sparse = sparse_fc1(self.stack, opt, stacked, plan.cfg.sparse and self.trainee.net is self.stack)
+        self.stack.sparse = sparse_fc1(
+            self.stack, opt, stacked, sparse_engine(plan.cfg) and self.trainee.net is self.stack
+        )
+        if self.stack.sparse and state.round not in state.csr_rounds:
+            state.csr_rounds.append(state.round)
         loss = None if state.loss_sum is None else state.loss_sum.to(self.stack.flat.device)
         at = Position(state.epoch, state.step, loss)
         try:
@@ -1675,6 +1722,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local: int = 0
+    launched: bool = False  # started by torchrun (even alone): joins a process group
 
     @property
     def leader(self) -> bool:
@@ -1683,9 +1731,13 @@ class Ranks:
 
 
 def ranks_from_env() -> Ranks:
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK for every worker it starts."""
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK for every worker it starts (and its own
+    TORCHELASTIC_RUN_ID, which tells a group of one from a plain process)."""
     env = os.environ
-    return Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    world = int(env.get("WORLD_SIZE", 1))
+    return Ranks(
+        int(env.get("RANK", 0)), world, int(env.get("LOCAL_RANK", 0)), world > 1 or "TORCHELASTIC_RUN_ID" in env
+    )
 
 
 def shard(trials: int, ranks: Ranks) -> list[int]:
@@ -1737,7 +1789,7 @@ def ordered(parts: Sequence[Sequence[dict]], *fields: str) -> list[dict]:
 def gather_states(state: RunState, ranks: Ranks) -> RunState | None:
     """Every rank's finished work, merged on rank 0 in a single process's order (None elsewhere).
     Alone, the state itself. A collective: every rank calls it at the same point."""
-    if ranks.world == 1:
+    if not ranks.launched:
         return state
     parts = gather_objects(outputs_view(state), ranks)
     if not ranks.leader:
@@ -1789,7 +1841,7 @@ def write_tables(cfg: Config, state: RunState, out: Path) -> None:
     """results.csv, curves.csv and masks.pt of every finished round."""
     atomic_write(out / "results.csv", lambda tmp: pd.DataFrame(state.rows).to_csv(tmp, index=False))
     atomic_write(out / "curves.csv", lambda tmp: pd.DataFrame(state.curves).to_csv(tmp, index=False))
-    save_torch(out / "masks.pt", masks_payload(cfg, state))
+    save_torch(out / "masks.pt", pack_masks(masks_payload(cfg, state)))
     save_torch(out / "tickets.pt", tickets_payload(state))
     if state.evals:
         atomic_write(out / "validation.csv", lambda tmp: pd.DataFrame(state.evals).to_csv(tmp, index=False))
@@ -1820,6 +1872,47 @@ def masks_payload(cfg: Config, state: RunState) -> dict[str, Tensor]:
     return payload
 
 
+def pack_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """masks.pt's compact form of masks_payload's bool [trials, rounds, out, in] tensors. Nested
+    masks (each round's inside the last: IMP's, one-shot's) become one small integer per weight,
+    the rounds it survived (mask of round r = survived > r); others (random masks) keep every
+    round, 8 weights a byte, as "<name>.bits" [trials, rounds, ceil(out * in / 8)]. "rounds"
+    holds the number of rounds. load_masks() gives back the bool tensors."""
+    rounds = next(iter(masks.values())).shape[1]
+    packed = {"rounds": torch.tensor(rounds)}
+    for name, m in masks.items():
+        survived = m.sum(1, dtype=torch.uint8 if rounds < 256 else torch.int16)
+        if torch.equal(survived.unsqueeze(1) > torch.arange(rounds).view(1, -1, 1, 1), m):
+            packed[name] = survived
+        else:
+            packed[f"{name}.bits"] = torch.from_numpy(np.packbits(m.flatten(2).numpy(), axis=-1))
+    return packed
+
+
+def unpack_masks(packed: dict[str, Tensor]) -> dict[str, Tensor]:
+    """pack_masks' inverse: every mask as bool [trials, rounds, out, in] under its own name (a
+    file of plain bool tensors, as older runs wrote, is returned as it is)."""
+    if "rounds" not in packed:
+        return packed
+    rounds, masks = int(packed["rounds"]), {}
+    for key, t in packed.items():
+        if key.endswith(".bits"):
+            name = key.removesuffix(".bits")
+            out, inp = SHAPES[LAYERS.index(name.split(".")[-1])]
+            bits = np.unpackbits(t.numpy(), axis=-1, count=out * inp).astype(bool)
+            masks[name] = torch.from_numpy(bits).view(*t.shape[:2], out, inp)
+        elif key != "rounds":
+            masks[key] = t.unsqueeze(1) > torch.arange(rounds).view(1, -1, 1, 1)
+    return masks
+
+
+def load_masks(out: str | Path) -> dict[str, Tensor]:
+    """The masks of a run in out/ (its masks.pt) as bool [trials, rounds, out, in] tensors: "fc1",
+    "fc2", "fc3" for the ticket (and its reinit control), "<variant>.fc1" ... for variants with masks
+    of their own."""
+    return unpack_masks(torch.load(Path(out) / "masks.pt", weights_only=True))
+
+
 PARAMS = tuple(f"{layer}.{kind}" for kind in ("weight", "bias") for layer in LAYERS)  # nn.Linear's names
 
 
@@ -1842,7 +1935,7 @@ def load_ticket(out: str | Path, round: int, trial: int = 0, variant: str = "tic
     from torch.nn.utils import prune
 
     out = Path(out)
-    masks = torch.load(out / "masks.pt", weights_only=True)
+    masks = load_masks(out)
     start = torch.load(out / "tickets.pt", weights_only=True)
     key = "" if variant == "ticket" else f"{variant}."
     if variant == "control" or f"{key}fc1" not in masks:
@@ -2242,19 +2335,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment() -> dict[str, Any]:
+def environment(device: torch.device | None = None) -> dict[str, Any]:
+    gpu = device if device is not None and device.type == "cuda" else None
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cuda_device": torch.cuda.get_device_name(gpu) if torch.cuda.is_available() else None,
     }
 
 
 def write_config(cfg: Config, device: torch.device, out: Path, **extra: Any) -> None:
-    payload = {"config": dataclasses.asdict(cfg), "device": str(device), **environment(), **extra}
+    payload = {"config": dataclasses.asdict(cfg), "device": str(device), **environment(device), **extra}
     write_text(out / "config.json", json.dumps(payload, indent=2) + "\n")
 
 
@@ -2280,14 +2374,26 @@ def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
     plot_layers(rows, figures[-1])
     if (out / "masks.pt").exists():
         figures.append(out / "pixels.png")
-        plot_pixels(torch.load(out / "masks.pt", weights_only=True), figures[-1])
+        plot_pixels(load_masks(out), figures[-1])
     return summary, figures
 
 
 CHECKPOINT = "checkpoint.pt"
-# Within a round, an epoch's end is checkpointed once this many seconds have passed since the last
-# checkpoint; a finished round and a pause always are.
-CHECKPOINT_EVERY_S = float(os.environ.get("LOT_CHECKPOINT_EVERY_S", 60))
+
+
+def checkpoint_every_s() -> float:
+    """Within a round, an epoch's end is checkpointed once this many seconds (LOT_CHECKPOINT_EVERY_S,
+    default 60) have passed since the last checkpoint; a finished round and a pause always are."""
+    text = os.environ.get("LOT_CHECKPOINT_EVERY_S", "60")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise UsageError(f"LOT_CHECKPOINT_EVERY_S must be a number of seconds, 0 or more, got {text!r}")
+    return seconds
+
+
 OUTPUT_FILES = (
     "results.csv",
     "curves.csv",
@@ -2460,15 +2566,22 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
+def run_as_script() -> bool:
+    """This file is the program: `python lot_improved.py`, or `%run lot_improved.py` in a notebook
+    (which sets sys.argv and __file__ as a shell would). Pasted into a cell, it has no __file__."""
+    script = globals().get("__file__")
+    return bool(script and sys.argv and sys.argv[0]) and Path(sys.argv[0]).resolve() == Path(script).resolve()
+
+
 def command_line() -> list[str]:
-    """The user's flags: sys.argv, except in a notebook, where sys.argv holds the kernel's own
-    arguments (-f kernel.json, --f=...) and settings come only from main([...])."""
-    return [] if in_notebook() else sys.argv[1:]
+    """The user's flags: sys.argv, except in a notebook cell, where sys.argv holds the kernel's own
+    arguments (-f kernel.json) and settings come only from main([...]); `%run lot_improved.py FLAGS`
+    passes FLAGS, as a command line does."""
+    return sys.argv[1:] if run_as_script() or not in_notebook() else []
 
 
-def resume_command(cfg: Config) -> str:
-    """How to continue this run, as the user would type it here: a shell command, or in a
-    notebook the main([...]) call. Only the settings that differ from the preset's are named."""
+def cli_flags(cfg: Config) -> list[str]:
+    """The flags that give cfg: only the settings that differ from the preset's (and the preset)."""
     flags, preset = [], Config(**PRESETS[cfg.preset])
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
@@ -2477,9 +2590,28 @@ def resume_command(cfg: Config) -> str:
         ):
             flag = "--" + f.name.replace("_", "-")
             flags += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+    return flags
+
+
+def resume_command(cfg: Config) -> str:
+    """How to continue this run, as the user would type it here: a shell command, `%run` in a
+    notebook that ran the file so, else the main([...]) call of a notebook cell."""
+    flags = [*cli_flags(cfg), "--resume"]
+    if in_notebook() and not run_as_script():
+        return "main([" + ", ".join(json.dumps(f) for f in flags) + "])"
+    return " ".join(["%run" if in_notebook() else "python", "lot_improved.py", *map(shlex.quote, flags)])
+
+
+def gpu_hint(cfg: Config, ranks: Ranks, device: torch.device, visible: int) -> str | None:
+    """With several GPUs visible a process trains on one (the stack's steps are launch-bound;
+    DataParallel would only add copies): the line that says so, with the command that uses all."""
+    if device.type != "cuda" or ranks.launched or visible < 2 or cfg.data_parallel:
+        return None
+    flags = cli_flags(dataclasses.replace(cfg, trials=max(cfg.trials, visible), device="auto"))
+    command = shlex.join(["torchrun", "--standalone", "--nproc-per-node", str(visible), "lot_improved.py", *flags])
     if in_notebook():
-        return "main([" + ", ".join(json.dumps(f) for f in [*flags, "--resume"]) + "])"
-    return " ".join(["python lot_improved.py", *map(shlex.quote, flags), "--resume"])
+        command = f"!{command} (with the file on disk: %%writefile lot_improved.py)"
+    return f"{visible} GPUs visible, this process uses {device} alone; to train on all {visible}: {command}"
 
 
 # ==================================================================================================
@@ -2507,6 +2639,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = "off" if f.default is False else "on" if f.default is True else f.default
         default = "all" if f.name == "train_subset" else default
+        default = "on where PyTorch has MKL, else off" if f.name == "sparse" else default
         default = "none" if default is None else default
         text = f"{f.metadata['help']} (default: {default})"
         kind = next((t for t in typing.get_args(types[f.name]) if t is not type(None)), types[f.name])  # Optional[X]: X
@@ -2596,7 +2729,7 @@ class Job:
 
 
 def check_torchrun(cfg: Config, ranks: Ranks) -> None:
-    if ranks.world > 1 and cfg.data_parallel:
+    if ranks.launched and cfg.data_parallel:
         raise UsageError("--data-parallel and torchrun do not mix: torchrun already gives each GPU a process")
     if cfg.trials < ranks.world:
         raise UsageError(f"--trials {cfg.trials} is fewer than the {ranks.world} torchrun processes")
@@ -2633,10 +2766,12 @@ def saved_run(cfg: Config, ranks: Ranks, device: torch.device) -> tuple[RunState
             f"resuming on {device} a run begun on {saved['device']}: later numbers may differ in the "
             "last bits from an uninterrupted run"
         )
-    if state and saved["config"].get("sparse", False) != cfg.sparse:  # runs from before --sparse were dense
+    then = saved["config"].get("sparse", False)  # runs from before --sparse were dense
+    then, now = torch.backends.mkl.is_available() if then is None else then, sparse_engine(cfg)
+    if state and then != now:
         warn(
-            f"resuming {'with' if cfg.sparse else 'without'} --sparse a run begun "
-            f"{'without' if cfg.sparse else 'with'} it: later sparse rounds may differ in the last bits"
+            f"resuming {'with' if now else 'without'} --sparse a run begun "
+            f"{'without' if now else 'with'} it: later sparse rounds may differ in the last bits"
         )
     return state, saved
 
@@ -2667,6 +2802,7 @@ class Session:
         self.job, self.started = job, started
         self.earlier_s = job.state.elapsed_s  # spent by the processes this one resumes
         self.merged: RunState | None = None  # every rank's finished rounds, on rank 0
+        self.every_s = checkpoint_every_s()
         self.last_save = self.round_began = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -2691,6 +2827,8 @@ class Session:
                 status=status,
                 data_sha256=job.data_sha,
                 world_size=job.ranks.world,
+                fc1_engine="csr" if job.state.csr_rounds else "dense",  # what ran, not what was asked
+                fc1_csr_rounds=job.state.csr_rounds,
                 **extra,
             )
 
@@ -2702,7 +2840,7 @@ class Session:
 
     def save(self, snapshot: Callable[[], RunState], event: str) -> None:
         """run_experiment's on_epoch: a finished round's tables, then the checkpoint."""
-        if event == "epoch" and time.perf_counter() - self.last_save < CHECKPOINT_EVERY_S:
+        if event == "epoch" and time.perf_counter() - self.last_save < self.every_s:
             return  # a long round's epochs are seconds apart on a GPU; its checkpoint is megabytes
         state = snapshot()
         if event == "round":  # first: a round is checkpointed as done once every rank has finished it
@@ -2726,6 +2864,9 @@ def announce(job: Job) -> None:
         + (f", resuming at round {job.state.round} epoch {job.state.epoch}" if cfg.resume else ""),
         file=sys.stderr,
     )
+    hint = gpu_hint(cfg, ranks, job.device, torch.cuda.device_count() if job.device.type == "cuda" else 0)
+    if hint:
+        print(f"lot_improved: {hint}", file=sys.stderr)
 
 
 def transfer_outputs(job: Job, state: RunState) -> list[Path]:
@@ -2831,12 +2972,16 @@ def run(job: Job, started: float) -> int:
     if job.ranks.leader:
         print("\n" + summary)
         times = session.timing()
-        took = f"{times['wall_time_s'] / 60:.1f} min"
+        took = duration(times["wall_time_s"])
         if "wall_time_this_process_s" in times:
-            took += f" ({times['wall_time_this_process_s'] / 60:.1f} min in this process)"
+            took += f" ({duration(times['wall_time_this_process_s'])} in this process)"
         print(f"lot_improved: finished in {took}; outputs in {job.out}/", file=sys.stderr)
         show_inline(figures)
     return EXIT_CODES["finished"]
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 def report_stop(e: BaseException, job: Job, session: Session) -> int:
@@ -2852,6 +2997,25 @@ def report_stop(e: BaseException, job: Job, session: Session) -> int:
     return EXIT_CODES[code]
 
 
+def check_switches() -> None:
+    """The environment's switches are read as main runs (a notebook sets them in a cell): bad
+    values are bad input, like a flag's."""
+    checkpoint_every_s()
+    if os.environ.get("LOT_CUDA_GRAPHS", "1") not in ("0", "1"):
+        raise UsageError(f"LOT_CUDA_GRAPHS must be 0 (eager CUDA steps) or 1, got {os.environ['LOT_CUDA_GRAPHS']!r}")
+
+
+def join_process_group(device: torch.device) -> None:
+    """Under torchrun: gloo between CPUs; NCCL between GPUs, each rank bound to its own GPU first
+    (cuda:LOCAL_RANK), so that NCCL's buffers and gather_object's tensors live there, not all on GPU 0."""
+    if device.type != "cuda":
+        dist.init_process_group("gloo")
+        return
+    torch.cuda.set_device(device)
+    bound = "device_id" in inspect.signature(dist.init_process_group).parameters  # PyTorch 2.3 on
+    dist.init_process_group("nccl", **({"device_id": device} if bound else {}))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, validate, prepare, run, write. argv defaults to the command line (in a
     notebook, none); returns the exit code (EXIT_CODES) instead of exiting. Bad input is found
@@ -2861,8 +3025,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_config(command_line() if argv is None else argv)
         validate(cfg)
+        check_switches()
         check_torchrun(cfg, ranks)
-        device = resolve_device(cfg.device, ranks.local if ranks.world > 1 else None)
+        device = resolve_device(cfg.device, ranks.local if ranks.launched else None)
         if cfg.replot:
             return replot(Path(cfg.out))
         job = prepare(cfg, ranks, device)
@@ -2872,18 +3037,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CODES["bad input"]
     except SystemExit as e:  # argparse: --help (0)
         return int(e.code or 0)
-    if ranks.world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if ranks.launched:
+        join_process_group(device)
     try:
-        return run(job, started)
+        with on_device(device):
+            return run(job, started)
     finally:
-        if ranks.world > 1:
+        if ranks.launched:
             dist.destroy_process_group()
 
 
 def gather_rows(rows: list[dict], ranks: Ranks) -> list[dict] | None:
     """Every rank's rows on rank 0, in rank (= trial) order; None elsewhere."""
-    if ranks.world == 1:
+    if not ranks.launched:
         return rows
     parts = gather_objects(rows, ranks)
     return [r for p in parts for r in p] if ranks.leader else None

@@ -84,7 +84,7 @@ def test_curves_csv_has_every_epoch_and_ends_where_results_csv_reports(tiny_run)
 
 def test_masks_pt_loads_safely_and_matches_the_reported_counts(tiny_run):
     out = tiny_run[0]
-    masks = torch.load(out / "masks.pt", weights_only=True)
+    masks = lot.load_masks(out)
     rows = pd.read_csv(out / "results.csv")
     assert set(masks) == {"fc1", "fc2", "fc3"}
     assert masks["fc1"].shape == (2, 3, 300, 784) and masks["fc3"].shape == (2, 3, 10, 100)
@@ -96,6 +96,14 @@ def test_masks_pt_loads_safely_and_matches_the_reported_counts(tiny_run):
             if r:
                 assert not (masks["fc1"][t, r] & ~masks["fc1"][t, r - 1]).any()
     assert not torch.equal(masks["fc1"][0, 2], masks["fc1"][1, 2])  # trials are independent
+    assert (out / "masks.pt").stat().st_size <= 2 * 0.5e6  # at most 0.5 MB a trial: a byte a weight
+
+
+def test_a_masks_pt_of_plain_bool_tensors_as_older_runs_wrote_still_loads(tiny_run, tmp_path):
+    masks = lot.load_masks(tiny_run[0])
+    torch.save(masks, tmp_path / "masks.pt")
+    old = lot.load_masks(tmp_path)
+    assert list(old) == list(masks) and all(torch.equal(old[k], masks[k]) for k in masks)
 
 
 def test_summary_and_console_show_the_table_with_spread_over_trials(tiny_run):
@@ -132,7 +140,11 @@ def test_help_documents_every_flag():
         assert "--" + f.name.replace("_", "-") in proc.stdout
         assert f.metadata["help"].split()[0] in proc.stdout
     text = " ".join(proc.stdout.split())  # argparse wraps lines
-    assert "bit for bit (default: on)" in text and "(default: off)" in text and "stacked (default: 1)" in text
+    assert (
+        "uses MKL (default: on where PyTorch has MKL, else off)" in text
+        and "(default: off)" in text
+        and "stacked (default: 1)" in text
+    )
 
 
 BAD_INPUTS = {

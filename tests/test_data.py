@@ -1,6 +1,8 @@
 """Data: the bundled MNIST is the real one, wrong files are refused, the torchvision path works offline
 when its files are there and fails with one helpful line when they are not."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -66,6 +68,35 @@ def test_no_npz_and_no_network_names_both_remedies(tmp_path, monkeypatch, capsys
     assert len(err) == 1
     assert "mnist.npz" in err[0] and "--data-dir" in err[0] and "network" in err[0]
     assert not out.exists()
+
+
+def test_processes_starting_together_download_one_at_a_time(tmp_path, monkeypatch):
+    # torchrun's processes all load the data as they start: two writing the same files corrupt them.
+    import threading
+
+    import torchvision.datasets
+
+    inside, overlaps, together = [], [], threading.Barrier(2)
+
+    def download(root, train, download):
+        overlaps.append(bool(inside))
+        inside.append(root)
+        time.sleep(0.2)  # a download under way: another one starting now would overlap it
+        inside.pop()
+        raise RuntimeError("offline")
+
+    def load():
+        together.wait()
+        with pytest.raises(lot.UsageError):
+            lot.load_torchvision(tmp_path / "data")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", download)
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [False, False]
 
 
 BAD_FILES = {

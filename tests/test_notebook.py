@@ -3,9 +3,11 @@ one cell runs the default experiment, the README's next call chooses other setti
 misspelt flag is one error line, never a traceback."""
 
 import re
+import shutil
 
 import nbformat
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import ROOT, SCRIPT, synthetic_arrays
 from nbclient import NotebookClient
@@ -58,3 +60,34 @@ def test_pasted_cell_then_the_readme_call_then_a_bad_flag_in_a_real_kernel(tmp_p
     assert bad[1].strip().splitlines() == [
         "lot_improved: error: unrecognised argument '--trails'; did you mean --trials?"
     ]
+
+
+def test_run_magic_takes_its_flags_refuses_a_misspelt_one_and_main_reads_switches_set_in_a_cell(tmp_path):
+    # `%run lot_improved.py FLAGS` is how notebooks run scripts: FLAGS count as on a command line.
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "mnist.npz", **synthetic_arrays())
+    shutil.copy(SCRIPT, tmp_path / "lot_improved.py")
+    tiny = '"--rounds", "1", "--epochs", "1", "--out", "runs/y"'
+    cells = [
+        "%run lot_improved.py --rounds 1 --epochs 1 --out runs/x",
+        "%run lot_improved.py --trails 2",
+        f'import os\nos.environ["LOT_CHECKPOINT_EVERY_S"] = "soon"\nmain([{tiny}])',
+        f'os.environ["LOT_CHECKPOINT_EVERY_S"] = "0"\nmain([{tiny}])',
+    ]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client.execute(env={"TQDM_DISABLE": "1"})
+    ran, misspelt, bad_switch, good_switch = (outputs(c) for c in nb.cells)
+
+    rows = pd.read_csv(tmp_path / "runs" / "x" / "results.csv")
+    assert sorted(rows["round"].unique()) == [0, 1] and not (tmp_path / "results").exists()
+    assert "finished in" in ran[1] and " s; outputs in runs/x/" in ran[1]  # seconds, under a minute
+    assert misspelt[1].strip().splitlines() == [
+        "lot_improved: error: unrecognised argument '--trails'; did you mean --trials?"
+    ]
+    assert not (tmp_path / "results").exists()
+    assert bad_switch[2] == "2" and bad_switch[1].strip().splitlines() == [
+        "lot_improved: error: LOT_CHECKPOINT_EVERY_S must be a number of seconds, 0 or more, got 'soon'"
+    ]
+    assert good_switch[2] == "0" and (tmp_path / "runs" / "y" / "results.csv").exists()

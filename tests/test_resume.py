@@ -109,7 +109,7 @@ def test_a_finished_round_is_always_checkpointed_an_epoch_once_the_interval_has_
 ):
     # A GPU finishes an epoch of the paper's rounds every second; its checkpoint is tens of MB.
     positions, real = [], lot.save_checkpoint
-    monkeypatch.setattr(lot, "CHECKPOINT_EVERY_S", every_s)
+    monkeypatch.setenv("LOT_CHECKPOINT_EVERY_S", str(every_s))
     monkeypatch.setattr(
         lot, "save_checkpoint", lambda *a, **k: positions.append((a[4].round, a[4].epoch)) or real(*a, **k)
     )
@@ -180,7 +180,7 @@ def test_divergence_stops_with_the_member_round_epoch_and_lr_keeping_finished_wo
         return loss_sum, step
 
     monkeypatch.setattr(lot, "train_epoch", poisoned)
-    monkeypatch.setattr(lot, "CHECKPOINT_EVERY_S", 0.0)  # every epoch's end is checkpointed
+    monkeypatch.setenv("LOT_CHECKPOINT_EVERY_S", "0")  # every epoch's end is checkpointed
     assert lot.main([*TINY, "--rounds", "2", "--out", str(out)]) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "member 1 (control of trial 0) diverged in round 1, epoch 2" in err and "--lr 0.01" in err

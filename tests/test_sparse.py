@@ -1,5 +1,6 @@
-"""--sparse (the default): fc1 through sparse kernels on CPU computes the dense engine's maths, within float
-rounding, touching only live weights; a paused sparse round resumes to the same bytes."""
+"""--sparse (the default where PyTorch has MKL): fc1 through sparse kernels on CPU computes the dense
+engine's maths, within float rounding, touching only live weights; a paused sparse round resumes to
+the same bytes. Without MKL the default is the dense engine."""
 
 import json
 import signal
@@ -9,12 +10,19 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, lot
+from conftest import ROOT, lot, refused
 
 from benchmarks.epoch_throughput import STEP_FLOP_PER_SAMPLE
 
 # 10 steps an epoch; under 20% of the weights are left from round 8 (16.8%): rounds 8 and 9 run sparse.
 SPARSE_RUN = ["--train-subset", "600", "--epochs", "2", "--rounds", "9", "--device", "cpu"]
+# PyTorch's CSR products use MKL; builds without it (macOS, aarch64) train fc1 dense.
+needs_mkl = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this PyTorch has no MKL")
+
+
+def engine_of(out) -> tuple[str, list[int]]:
+    config = json.loads((out / "config.json").read_text())
+    return config["fc1_engine"], config["fc1_csr_rounds"]
 
 
 def stack_with_masks(density: float, trials: int = 2, per_trial: int = 2, seed: int = 0, rest: float = 0.5):
@@ -32,6 +40,7 @@ def stack_with_masks(density: float, trials: int = 2, per_trial: int = 2, seed: 
     return stack, masks
 
 
+@needs_mkl
 def test_sparse_fc1_gives_the_dense_losses_and_gradients_within_float_rounding(mnist):
     train = mnist[0]
     stack, masks = stack_with_masks(0.1)
@@ -49,6 +58,7 @@ def test_sparse_fc1_gives_the_dense_losses_and_gradients_within_float_rounding(m
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+@needs_mkl
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_a_sparse_step_updates_live_weights_like_the_dense_step_and_never_touches_dead_ones(mnist, optimizer):
     train = mnist[0]
@@ -78,6 +88,7 @@ def test_a_sparse_step_updates_live_weights_like_the_dense_step_and_never_touche
         torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)
 
 
+@needs_mkl
 def test_the_sparse_forward_reads_the_weights_the_optimiser_has_just_written(mnist):
     # The CSR matrices are built once a round and share fc1's live values with the optimiser.
     train, test = mnist
@@ -95,14 +106,15 @@ def test_the_sparse_forward_reads_the_weights_the_optimiser_has_just_written(mni
     assert (got - before).abs().max() > 0.1  # the steps moved the outputs: the check above could fail
 
 
+@needs_mkl
 def test_a_sparse_run_matches_the_dense_run_within_float_rounding_with_the_same_masks(tmp_path, monkeypatch):
     made = []
     real = lot.SparseFC1.__init__
     monkeypatch.setattr(lot.SparseFC1, "__init__", lambda self, *a: made.append(1) or real(self, *a))
     assert lot.main([*SPARSE_RUN, "--no-sparse", "--out", str(tmp_path / "dense")]) == 0
-    assert not made
-    assert lot.main([*SPARSE_RUN, "--out", str(tmp_path / "sparse")]) == 0  # --sparse is the default
-    assert len(made) == 2  # rounds 8 and 9 ran sparse
+    assert not made and engine_of(tmp_path / "dense") == ("dense", [])
+    assert lot.main([*SPARSE_RUN, "--out", str(tmp_path / "sparse")]) == 0  # --sparse is the default with MKL
+    assert len(made) == 2 and engine_of(tmp_path / "sparse") == ("csr", [8, 9])  # config.json: what ran
     dense, sparse = (pd.read_csv(tmp_path / d / "results.csv") for d in ("dense", "sparse"))
     assert (dense.weights == sparse.weights).all()
     # Round 8 trains the same mask both ways; round 9's comes from sparse-trained weights, where a
@@ -110,10 +122,11 @@ def test_a_sparse_run_matches_the_dense_run_within_float_rounding_with_the_same_
     dense, sparse = dense[dense["round"] <= 8], sparse[sparse["round"] <= 8]
     assert (dense.test_acc - sparse.test_acc).abs().max() <= 0.5
     assert (dense.test_loss - sparse.test_loss).abs().max() <= 1e-3
-    masks = [torch.load(tmp_path / d / "masks.pt") for d in ("dense", "sparse")]
+    masks = [lot.load_masks(tmp_path / d) for d in ("dense", "sparse")]
     assert all(torch.equal(masks[0][k][:, :9], masks[1][k][:, :9]) for k in masks[0])
 
 
+@needs_mkl
 def test_evaluation_through_a_very_sparse_fc1_gives_the_dense_forward(mnist):
     test = mnist[1]
     stack, masks = stack_with_masks(0.03, rest=0.03)
@@ -126,6 +139,7 @@ def test_evaluation_through_a_very_sparse_fc1_gives_the_dense_forward(mnist):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@needs_mkl
 def test_every_member_switches_to_sparse_steps_in_the_same_round_so_stacking_changes_no_numbers(tmp_path):
     # Trial 0 alone and beside trial 1 (whose masks differ): the same bytes, sparse rounds included.
     assert lot.main([*SPARSE_RUN, "--out", str(tmp_path / "one")]) == 0
@@ -156,6 +170,7 @@ def test_the_sparse_steps_begin_at_the_rounds_pruning_level_whatever_else_is_sta
     assert lot.pruning_level(level_over) > lot.SPARSE_BELOW and sparse_steps_for(level_over) is None
 
 
+@needs_mkl
 def test_a_paused_sparse_round_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     assert lot.main([*SPARSE_RUN, "--out", str(tmp_path / "whole")]) == 0
     calls = {"n": 0}
@@ -177,6 +192,7 @@ def test_a_paused_sparse_round_resumes_to_the_same_bytes(tmp_path, monkeypatch):
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
+@needs_mkl
 def test_the_whole_run_benchmark_reports_every_round_against_the_floor_of_the_same_run(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "benchmarks/run_vs_floor.py", "--repeats", "1", "--json", str(out)]
@@ -200,6 +216,7 @@ def test_the_whole_run_benchmark_reports_every_round_against_the_floor_of_the_sa
     assert f"{figures['dense_over_floor']:.2f}x" in proc.stdout
 
 
+@needs_mkl
 def test_resuming_a_dense_run_on_the_sparse_engine_says_the_numbers_may_move(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(lot.StopSignal, "__call__", lambda self: True)  # pause after the first step
     out = tmp_path / "run"
@@ -208,3 +225,12 @@ def test_resuming_a_dense_run_on_the_sparse_engine_says_the_numbers_may_move(tmp
     capsys.readouterr()
     assert lot.main([*SPARSE_RUN, "--out", str(out), "--resume"]) == 0
     assert "resuming with --sparse a run begun without it" in capsys.readouterr().err
+
+
+def test_without_mkl_the_default_is_the_dense_engine_and_sparse_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
+    monkeypatch.setattr(lot.SparseFC1, "__init__", lambda *a: pytest.fail("a CSR engine was built"))
+    assert lot.main([*SPARSE_RUN, "--out", str(tmp_path / "auto")]) == 0
+    assert engine_of(tmp_path / "auto") == ("dense", [])
+    line = refused([*SPARSE_RUN, "--sparse", "--out", str(tmp_path / "asked")], capsys, tmp_path / "asked")
+    assert "--sparse needs PyTorch built with MKL" in line

@@ -31,7 +31,7 @@ def test_tickets_pt_holds_each_trials_w0_in_nn_linear_layout_and_loads_safely(ru
 
 
 def test_a_loaded_ticket_is_w0_times_the_rounds_mask_in_a_plain_sequential(run):
-    masks = torch.load(run / "masks.pt", weights_only=True)
+    masks = lot.load_masks(run)
     w0 = torch.load(run / "tickets.pt", weights_only=True)
     model = lot.load_ticket(run, round=2, trial=1)
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]

@@ -39,8 +39,9 @@ RUN = [
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(*args, **kwargs):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT), *args]
+def torchrun(*args, nproc=2, **kwargs):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(SCRIPT)]
+    cmd += args
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -87,6 +88,17 @@ def test_a_job_stopped_and_resumed_on_two_processes_writes_exactly_what_one_proc
     for name in FILES:
         assert (out / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     assert sorted(p.name for p in out.glob("checkpoint*")) == ["checkpoint.rank0.pt", "checkpoint.rank1.pt"]
+
+
+def test_torchrun_with_one_process_joins_a_group_of_one_and_writes_what_one_process_writes(tmp_path):
+    # A one-GPU box runs the multi-GPU recipe so; on a GPU this is NCCL with a group of one.
+    run = ["--train-subset", "120", "--rounds", "1", "--epochs", "1", "--trials", "2"]
+    single(tmp_path / "one", run)
+    proc = torchrun(*run, "--out", str(tmp_path / "alone"), nproc=1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    for name in ("results.csv", "curves.csv", "masks.pt"):
+        assert (tmp_path / "alone" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
 def test_a_failed_rank_fails_the_job_names_the_rank_and_leaves_only_whole_files(tmp_path):

@@ -153,7 +153,7 @@ def test_cuda_graph_steps_train_exactly_like_eager_steps(monkeypatch, optimizer)
     order = torch.randperm(630, generator=g).unsqueeze(0).to(cuda)
     runs = []
     for graphs in (False, True):
-        monkeypatch.setattr(lot, "CUDA_GRAPHS", graphs)
+        monkeypatch.setenv("LOT_CUDA_GRAPHS", str(int(graphs)))
         net = random_stack(1, 2).to(cuda)
         masks = [m.to(cuda) for m in half_masks(2)]
         start_on_masks(net, masks)

@@ -200,16 +200,26 @@ def test_presets_resolve_to_the_documented_settings_and_explicit_flags_win():
 # --- end to end -------------------------------------------------------------------------------
 
 
-def test_every_variant_flag_end_to_end(tmp_path):
+def test_every_variant_flag_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "all"
     flags = [*TINY, "--controls", "reinit,random", "--oneshot", "--rewind-to", "5it", "--trials", "2"]
+    trained_on, real = [], lot.train_on_masks  # each round's stacked masks, as the optimiser got them
+    monkeypatch.setattr(lot, "train_on_masks", lambda opt, masks: trained_on.append(masks) or real(opt, masks))
     assert lot.main([*flags, "--out", str(out)]) == 0
+    names, saved = lot.variants(cfg_of(*flags)), lot.load_masks(out)  # masks.pt decoded
+    for rnd, stacked in enumerate(trained_on):
+        for m in range(len(stacked[0])):
+            trial, variant = divmod(m, len(names))
+            key = "" if names[variant] in ("ticket", "control") else f"{names[variant]}."
+            for layer, mask in zip(lot.LAYERS, stacked):
+                assert torch.equal(saved[f"{key}{layer}"][trial, rnd], mask[m]), (rnd, m, layer)
+    assert (out / "masks.pt").stat().st_size < 2 * 1.6e6  # nested masks a byte a weight, random ones a bit
     rows = pd.read_csv(out / "results.csv")
     assert list(rows.variant.unique()) == ["ticket", "control", "random", "oneshot", "late_rewind"]
     assert (rows.groupby(["trial", "round"]).weights.nunique() == 1).all()  # every variant at the level
     for png in ("graph_improved.png", "random_control.png", "oneshot.png", "rewind.png", "layers.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    masks = torch.load(out / "masks.pt", weights_only=True)
+    masks = lot.load_masks(out)
     assert {"fc1", "random.fc1", "oneshot.fc1", "late_rewind.fc1"} <= set(masks)
     counts = lambda key, t, r: [int(masks[f"{key}{n}"][t, r].sum()) for n in ("fc1", "fc2", "fc3")]
     assert counts("random.", 1, 2) == counts("", 1, 2)
