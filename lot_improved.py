@@ -119,8 +119,18 @@ class Config:
     controls: str = field(
         default="reinit",
         metadata={
-            "help": "comma list of controls beside each ticket: reinit (its mask, a fresh init) and/or random "
-            "(a random mask with its per-layer counts, trained from W0)"
+            "help": "comma list of controls beside each ticket: reinit (its mask, a fresh init), random (a random "
+            "mask with its per-layer counts, trained from W0), signs (its mask, fresh magnitudes with W0's signs), "
+            "constant (its mask, W0's signs times the init's per-layer sd); with signs or constant, results.csv "
+            "adds untrained_acc"
+        },
+    )
+    criterion: str = field(
+        default="magnitude",
+        metadata={
+            "help": "which weights pruning keeps: magnitude (largest |w_final|) | same-sign (largest |w_final| "
+            "among those that kept W0's sign; the others go first) | increase (largest |w_final| - |w_initial|); "
+            "other than magnitude, results.csv adds untrained_acc"
         },
     )
     reinit_draws: int = field(
@@ -207,8 +217,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_every": 100,
     },
 }
-CHOICES = {"optimizer": ("sgd", "adam"), "scope": ("global", "layer"), "init": ("kaiming-uniform", "xavier-normal")}
-CONTROLS = ("reinit", "random")
+CHOICES = {
+    "optimizer": ("sgd", "adam"),
+    "scope": ("global", "layer"),
+    "init": ("kaiming-uniform", "xavier-normal"),
+    "criterion": ("magnitude", "same-sign", "increase"),
+}
+CONTROLS = ("reinit", "random", "signs", "constant")
 
 # Settings that may differ when resuming: they change where files go or how the work is spread,
 # not what is computed (a different device changes only the last bits; resuming warns).
@@ -367,9 +382,17 @@ def variants(cfg: Config) -> tuple[str, ...]:
         "ticket",
         *(["control"] * cfg.reinit_draws if "reinit" in chosen else []),
         *(["random"] if "random" in chosen else []),
+        *(["signs"] if "signs" in chosen else []),
+        *(["constant"] if "constant" in chosen else []),
         *(["oneshot"] if cfg.oneshot else []),
         *(["late_rewind"] if late else []),
     )
+
+
+def records_untrained(cfg: Config) -> bool:
+    """Whether results.csv carries untrained_acc: with the controls and criteria that ask what a
+    mask does before training (Zhou et al.'s supermasks); other runs keep their columns."""
+    return bool({"signs", "constant"} & set(controls(cfg))) or cfg.criterion != "magnitude"
 
 
 def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
@@ -394,7 +417,7 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
 
 def derive_seed(seed: int, trial: int, stream: str, *more: int) -> int:
     """Independent 63-bit seeds per (trial, stream, ...), so streams never disturb each other."""
-    stream_id = {"init": 0, "control": 1, "data": 2, "random": 3, "split": 4, "transfer": 5}[stream]
+    stream_id = {"init": 0, "control": 1, "data": 2, "random": 3, "split": 4, "transfer": 5, "signs": 6}[stream]
     return int(np.random.SeedSequence([seed, trial, stream_id, *more]).generate_state(1, np.uint64)[0]) >> 1
 
 
@@ -604,6 +627,12 @@ def default_init(generator: torch.Generator, scheme: str = "kaiming-uniform") ->
     return weights + biases
 
 
+def init_std(scheme: str, out: int, inp: int) -> float:
+    """The standard deviation of default_init's weights in an (out, in) layer: kaiming-uniform
+    draws U(+-1/sqrt(in)), sd 1/sqrt(3 in); xavier-normal sd sqrt(2 / (in + out))."""
+    return math.sqrt(2 / (inp + out)) if scheme == "xavier-normal" else 1 / math.sqrt(3 * inp)
+
+
 def lenet_forward(x: Tensor, w: Sequence[Tensor], b: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """x [M,B,784] -> hidden activations h1 [M,B,300], h2 [M,B,100] and log-probabilities [M,B,10]."""
     h1 = torch.baddbmm(b[0].unsqueeze(1), x, w[0].transpose(1, 2)).relu_()
@@ -767,7 +796,7 @@ def pruning_level(stacked: Sequence[Tensor]) -> float:
 
 
 # ==================================================================================================
-# Pruning: global magnitude pruning with rewind to W0
+# Pruning: global magnitude pruning (or another criterion) with rewind to W0
 # ==================================================================================================
 
 
@@ -783,43 +812,55 @@ def surviving_schedule(total: int, rate: float, rounds: int) -> list[int]:
     return counts
 
 
-def prune_smallest(weights: Sequence[Tensor], masks: Sequence[Tensor], k: int) -> list[Tensor]:
-    """New masks without the k smallest |w| among the survivors, ranked across all the given
-    layers together. Ties go by position (first layer first, row-major), so the result is
+def prune_scores(criterion: str, final: Sequence[Tensor], initial: Sequence[Tensor]) -> list[Tensor]:
+    """What pruning ranks, per weight, the lowest going first (Zhou et al.'s mask criteria):
+    magnitude |w_final| (Frankle & Carbin's); same-sign |w_final| where the weight kept its
+    initial sign and -inf where it flipped, so flipped weights go first; increase |w_final| - |w_initial|."""
+    if criterion == "magnitude":
+        return [w.abs() for w in final]
+    if criterion == "increase":
+        return [f.abs() - i.abs() for f, i in zip(final, initial)]
+    return [torch.where(torch.sign(f) == torch.sign(i), f.abs(), -torch.inf) for f, i in zip(final, initial)]
+
+
+def prune_smallest(scores: Sequence[Tensor], masks: Sequence[Tensor], k: int) -> list[Tensor]:
+    """New masks without the k lowest-scoring survivors, ranked across all the given layers
+    together. Ties go by position (first layer first, row-major), so the result is
     deterministic. Already-pruned weights score +inf and are never chosen again."""
-    scores = torch.cat([torch.where(m, w.abs(), torch.inf).flatten() for w, m in zip(weights, masks)])
+    ranked = torch.cat([torch.where(m, s, torch.inf).flatten() for s, m in zip(scores, masks)])
     flat = torch.cat([m.flatten() for m in masks])
-    flat[torch.sort(scores, stable=True).indices[:k]] = False
+    flat[torch.sort(ranked, stable=True).indices[:k]] = False
     return [part.view_as(m) for part, m in zip(flat.split([m.numel() for m in masks]), masks)]
 
 
-def global_magnitude_prune(weights: Sequence[Tensor], masks: Sequence[Tensor], rate: float) -> list[Tensor]:
-    """One network's new masks: drop round(rate * surviving) of its weights, smallest |w| first,
+def global_prune(scores: Sequence[Tensor], masks: Sequence[Tensor], rate: float) -> list[Tensor]:
+    """One network's new masks: drop round(rate * surviving) of its weights, lowest score first,
     all layers ranked together."""
-    return prune_smallest(weights, masks, prune_count(sum(int(m.sum()) for m in masks), rate))
+    return prune_smallest(scores, masks, prune_count(sum(int(m.sum()) for m in masks), rate))
 
 
-def layerwise_magnitude_prune(
-    weights: Sequence[Tensor], masks: Sequence[Tensor], rates: Sequence[float]
-) -> list[Tensor]:
-    """Each layer loses round(rate_l * its survivors), smallest |w| first within the layer."""
-    return [prune_smallest([w], [m], prune_count(int(m.sum()), r))[0] for w, m, r in zip(weights, masks, rates)]
+def layerwise_prune(scores: Sequence[Tensor], masks: Sequence[Tensor], rates: Sequence[float]) -> list[Tensor]:
+    """Each layer loses round(rate_l * its survivors), lowest score first within the layer."""
+    return [prune_smallest([s], [m], prune_count(int(m.sum()), r))[0] for s, m, r in zip(scores, masks, rates)]
 
 
-def magnitude_prune(cfg: Config, weights: Sequence[Tensor], masks: Sequence[Tensor]) -> list[Tensor]:
+def prune(cfg: Config, final: Sequence[Tensor], initial: Sequence[Tensor], masks: Sequence[Tensor]) -> list[Tensor]:
+    """One network's masks after a round: its trained weights (final) against its starting ones."""
+    scores = prune_scores(cfg.criterion, final, initial)
     if cfg.scope == "layer":
-        return layerwise_magnitude_prune(weights, masks, layer_rates(cfg))
-    return global_magnitude_prune(weights, masks, cfg.prune_rate)
+        return layerwise_prune(scores, masks, layer_rates(cfg))
+    return global_prune(scores, masks, cfg.prune_rate)
 
 
-def oneshot_masks(cfg: Config, dense_weights: Sequence[Tensor], rnd: int) -> list[Tensor]:
-    """Masks pruned in one go from the dense trained weights to round rnd's level of the
-    iterative schedule: the same total (global) or per-layer (layer scope) count."""
-    full = [torch.ones_like(w, dtype=torch.bool) for w in dense_weights]
+def oneshot_masks(cfg: Config, dense: Sequence[Tensor], w0: Sequence[Tensor], rnd: int) -> list[Tensor]:
+    """Masks pruned in one go from the dense trained weights (against W0) to round rnd's level of
+    the iterative schedule: the same total (global) or per-layer (layer scope) count."""
+    full = [torch.ones_like(w, dtype=torch.bool) for w in dense]
+    scores = prune_scores(cfg.criterion, dense, w0)
     if cfg.scope == "layer":
         kept = [surviving_schedule(m.numel(), r, rnd)[-1] for m, r in zip(full, layer_rates(cfg))]
-        return [prune_smallest([w], [m], m.numel() - k)[0] for w, m, k in zip(dense_weights, full, kept)]
-    return prune_smallest(dense_weights, full, PRUNABLE - surviving_schedule(PRUNABLE, cfg.prune_rate, rnd)[-1])
+        return [prune_smallest([s], [m], m.numel() - k)[0] for s, m, k in zip(scores, full, kept)]
+    return prune_smallest(scores, full, PRUNABLE - surviving_schedule(PRUNABLE, cfg.prune_rate, rnd)[-1])
 
 
 def random_masks(counts: Sequence[int], generator: torch.Generator) -> list[Tensor]:
@@ -1211,9 +1252,12 @@ LABELS = {
     "ticket": "Ticket",
     "control": "Control",
     "random": "Random mask",
+    "signs": "Signs",
+    "constant": "Signed constant",
     "oneshot": "One-shot",
     "late_rewind": "Late rewind",
 }
+SHARES_MASK = ("control", "signs", "constant")  # controls on the ticket's own mask
 
 
 @dataclass
@@ -1247,6 +1291,8 @@ class RunState:
         default_factory=list
     )  # wall time of each finished round (of a resumed one: since resuming)
     csr_rounds: list[int] = field(default_factory=list)  # rounds whose fc1 trained through CSR kernels (--sparse)
+    signs_rng: list[Tensor] = field(default_factory=list)  # generator states of the signs control's magnitudes
+    untrained: list[float] = field(default_factory=list)  # this round's untrained_acc per member (supermasks)
 
 
 class Paused(Exception):
@@ -1275,6 +1321,7 @@ def fresh_state(cfg: Config, trials: Sequence[int] | None = None) -> RunState:
         control_rng=[make_generator(cfg.seed, t, "control").get_state() for t in trials],
         data_rng=[make_generator(cfg.seed, t, "data").get_state() for t in trials],
         trials=trials,
+        signs_rng=[make_generator(cfg.seed, t, "signs").get_state() for t in trials],
     )
 
 
@@ -1284,19 +1331,20 @@ def trial_ids(state: RunState) -> list[int]:
 
 def member_masks(cfg: Config, state: RunState, trial: int, variant: str, rnd: int) -> list[Tensor]:
     # trial: the position in state; its id seeds the random control
-    """A member's masks in round rnd. The control shares its ticket's; the random control draws
-    a mask with the ticket's per-layer counts (from its own seeded stream, so any round's can be
-    drawn again); the one-shot ticket prunes the dense trained weights straight to the level."""
+    """A member's masks in round rnd. The controls on the ticket's mask share it; the random
+    control draws a mask with the ticket's per-layer counts (from its own seeded stream, so any
+    round's can be drawn again); the one-shot ticket prunes the dense trained weights straight to
+    the level."""
     if variant in state.pruned_at:
         return [p[trial] > rnd for p in state.pruned_at[variant]]
     ticket = [p[trial] > rnd for p in state.pruned_at["ticket"]]
-    if variant == "control" or rnd == 0:
+    if variant in SHARES_MASK or rnd == 0:
         return ticket
     if variant == "random":
         return random_masks(
             [int(m.sum()) for m in ticket], make_generator(cfg.seed, trial_ids(state)[trial], "random", rnd)
         )
-    return oneshot_masks(cfg, [w[trial] for w in state.dense[: len(LAYERS)]], rnd)
+    return oneshot_masks(cfg, [w[trial] for w in state.dense[: len(LAYERS)]], [w[trial] for w in state.w0], rnd)
 
 
 def member_start(
@@ -1307,11 +1355,19 @@ def member_start(
     init: str,
     rewind_point: Sequence[Tensor] = (),
 ) -> list[Tensor]:
-    """A member's weights at the start of a round: tickets (iterative, one-shot) and the random
-    control rewind to W0, the late-rewound ticket to its rewind point once it has one, and the
-    reinit control gets a fresh draw from the same init; always times the mask."""
-    if variant == "control":
-        return rewind(default_init(control_gen, init), masks)
+    """A member's weights at the start of a round, always times the mask: tickets (iterative,
+    one-shot) and the random control rewind to W0, the late-rewound ticket to its rewind point
+    once it has one; the reinit control gets a fresh draw from the same init (from control_gen,
+    its own stream); the signs control such a draw's magnitudes with W0's signs, biases drawn as
+    the reinit's; the signed constant W0's signs times the init's sd in each layer, W0's biases."""
+    n = len(masks)
+    if variant in ("control", "signs"):
+        fresh = default_init(control_gen, init)
+        if variant == "signs":
+            fresh = [f.abs() * w.sign() for f, w in zip(fresh[:n], w0)] + fresh[n:]
+        return rewind(fresh, masks)
+    if variant == "constant":
+        return rewind([w.sign() * init_std(init, *w.shape) for w in w0[:n]] + list(w0[n:]), masks)
     return rewind(rewind_point if variant == "late_rewind" and len(rewind_point) else w0, masks)
 
 
@@ -1382,9 +1438,15 @@ def members_of(names: Sequence[str], variant: str, trials: int) -> list[int]:
     return [t * len(names) + names.index(variant) for t in range(trials)]
 
 
-def begin_round(plan: Plan, state: RunState, stack: LeNetStack, control_gens: Sequence[torch.Generator]) -> None:
-    """Prune each iterative ticket (from its trained weights, still in the stack), then load every
-    member's starting weights on its mask."""
+def begin_round(
+    plan: Plan,
+    state: RunState,
+    stack: LeNetStack,
+    control_gens: Sequence[torch.Generator],
+    signs_gens: Sequence[torch.Generator] = (),
+) -> None:
+    """Prune each iterative ticket (from its trained weights, still in the stack, against the
+    weights it started from), then load every member's starting weights on its mask."""
     cfg, rnd, names, n = plan.cfg, state.round, plan.names, len(trial_ids(state))
     trained = [w.detach().cpu() for w in stack._w + stack._b]
     if rnd == 1 and "oneshot" in names:  # one-shot tickets prune the tickets' dense trained weights
@@ -1392,7 +1454,8 @@ def begin_round(plan: Plan, state: RunState, stack: LeNetStack, control_gens: Se
     for variant in state.pruned_at if rnd > 0 else ():
         for t, m in enumerate(members_of(names, variant, n)):
             alive = member_masks(cfg, state, t, variant, rnd - 1)
-            kept = magnitude_prune(cfg, [w[m] for w in trained[: len(LAYERS)]], alive)
+            start = state.rewind_point if variant == "late_rewind" else state.w0
+            kept = prune(cfg, [w[m] for w in trained[: len(LAYERS)]], [w[t] for w in start], alive)
             for p, a, k in zip(state.pruned_at[variant], alive, kept):
                 p[t][a & ~k] = rnd
     starts = []
@@ -1400,7 +1463,8 @@ def begin_round(plan: Plan, state: RunState, stack: LeNetStack, control_gens: Se
         w0 = [w[t] for w in state.w0]
         late = [w[t] for w in state.rewind_point]
         for v in names:
-            starts.append(member_start(v, member_masks(cfg, state, t, v, rnd), w0, control_gens[t], cfg.init, late))
+            gen = signs_gens[t] if v == "signs" else control_gens[t]
+            starts.append(member_start(v, member_masks(cfg, state, t, v, rnd), w0, gen, cfg.init, late))
     stack.load(stack_members(starts, stack._w[0].device))
 
 
@@ -1529,6 +1593,7 @@ class Experiment:
             self.stack.load(state.params)
             opt.restore(state.opt_state, state.opt_steps)
         self.control_gens = generators(state.control_rng)
+        self.signs_gens = generators(state.signs_rng)
         self.trainee = Trainee(net, opt, train, index, generators(state.data_rng))
         self.evaluations: list[tuple[int, Tensor]] = []  # (iteration, [val loss, val acc, test loss, test acc])
 
@@ -1540,6 +1605,7 @@ class Experiment:
         state.params = [p.detach().cpu().clone() for p in self.stack.parameters()]
         state.opt_state, state.opt_steps = [b.cpu().clone() for b in opt.state()], opt.steps
         state.control_rng = [g.get_state() for g in self.control_gens]
+        state.signs_rng = [g.get_state() for g in self.signs_gens]
         return state
 
     def on_event(self, event: str, iteration: int) -> None:
@@ -1593,8 +1659,10 @@ class Experiment:
         """One round: prune and rewind (unless resuming inside it), train it, record its rows."""
         state, plan, opt = self.state, self.plan, self.trainee.opt
         if state.epoch == 1 and state.step == 0:
-            begin_round(plan, state, self.stack, self.control_gens)
+            begin_round(plan, state, self.stack, self.control_gens, self.signs_gens)
             opt.reset()
+            if records_untrained(plan.cfg):  # each member's starting weights on its mask, before any step
+                state.untrained = evaluate(self.trainee.net, self.test)[1].cpu().tolist()
         masks = [member_masks(plan.cfg, state, t, v, state.round) for t in range(len(self.trials)) for v in plan.names]
         stacked = stack_members(masks, self.stack.flat.device)
         train_on_masks(opt, stacked)
@@ -1638,7 +1706,10 @@ class Experiment:
     def record(self, stats: list[list[float]], masks: list[list[Tensor]]) -> None:
         """The finished round's results.csv rows, with each member's early-stopping point."""
         state = self.state
-        rows = member_records(self.plan.names, self.trials, stats, state.round, lambda m: layer_percentages(masks[m]))
+        extra = [layer_percentages(m) for m in masks]
+        if state.untrained:  # the starting weights on the mask, before training: Zhou et al.'s supermask accuracy
+            extra = [{**e, "untrained_acc": round(u, 2)} for e, u in zip(extra, state.untrained)]
+        rows = member_records(self.plan.names, self.trials, stats, state.round, extra.__getitem__)
         stops = early_stops(state.evals, state.round)
         state.rows += [{**row, **stops.get(member_key(row), {})} for row in rows]
 
@@ -1754,6 +1825,7 @@ def outputs_view(state: RunState) -> RunState:
     return dataclasses.replace(
         state,
         control_rng=[],
+        signs_rng=[],
         data_rng=[],
         params=[],
         opt_state=[],
@@ -2098,6 +2170,48 @@ def early_stop_markdown(rows: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+def signs_markdown(rows: pd.DataFrame) -> str:
+    """Zhou et al.'s comparisons per round, paired within each trial (a trial's reinit draws
+    averaged first): the sign-keeping controls against the ticket and the plain reinit after
+    training, then every member's accuracy before training (its starting weights on its mask)."""
+    acc = per_trial(rows, ["round", "trial", "variant"], ["weights_pct", "test_acc", "untrained_acc"])
+    wide = acc.pivot_table(index=["round", "trial"], columns="variant", values=["test_acc", "untrained_acc"])
+    trained, untrained = wide["test_acc"], wide["untrained_acc"]
+    shown = [v for v in LABELS if v in trained.columns]
+    pairs = [(a, b) for a in ("signs", "constant") for b in ("ticket", "control") if {a, b} <= set(shown)]
+    pct = acc[acc.variant == "ticket"].groupby("round").weights_pct.mean()
+    header = [
+        "Round",
+        "Weights Remaining",
+        *(LABELS[v] for v in shown),
+        *(f"{LABELS[a]} - {LABELS[b]}" for a, b in pairs),
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    before = [
+        "| Round | Weights Remaining | " + " | ".join(LABELS[v] for v in shown) + " |",
+        "|" + "---:|" * (2 + len(shown)),
+    ]
+    for rnd in sorted(pct.index):
+        t, u = trained.xs(rnd, level="round"), untrained.xs(rnd, level="round")
+        cells = [str(rnd), f"{pct[rnd]:.2f}%", *(f"{t[v].mean():.2f}" for v in shown)]
+        lines.append("| " + " | ".join(cells + [interval_cell(t[a] - t[b], "+.2f") for a, b in pairs]) + " |")
+        before.append("| " + " | ".join(cells[:2] + [interval_cell(u[v], ".2f") for v in shown]) + " |")
+    trials = rows.trial.nunique()
+    spread = f"; mean [95% confidence interval: Student-t, df = {trials - 1}]" if trials > 1 else ""
+    return (
+        "Test accuracy (%) after training; differences paired within each trial"
+        + spread
+        + ".\n\n"
+        + "\n".join(lines)
+        + "\n\nTest accuracy (%) before training: each member's starting weights on its mask (the signed "
+        + "constant's is Zhou et al.'s supermask)"
+        + spread
+        + ".\n\n"
+        + "\n".join(before)
+        + "\n"
+    )
+
+
 PERCENT_TICKS = (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
 
 
@@ -2119,15 +2233,16 @@ def new_axes() -> tuple[Any, Any]:
     return fig, ax
 
 
-# Each figure: file, the variants it compares (those present are drawn), the variant whose
-# presence asks for it (None: always), and its title.
+# Each figure: file, the variants it compares (those present are drawn), the variants whose
+# presence asks for it (none: always), and its title.
 FIGURES = (
-    ("graph_improved.png", ("ticket", "control"), None, "winning ticket vs random reinit"),
-    ("random_control.png", ("ticket", "control", "random"), "random", "ticket vs random-mask control"),
-    ("oneshot.png", ("ticket", "oneshot", "control"), "oneshot", "iterative vs one-shot pruning"),
-    ("rewind.png", ("ticket", "late_rewind", "control"), "late_rewind", "rewind to W0 vs late rewinding"),
+    ("graph_improved.png", ("ticket", "control"), (), "winning ticket vs random reinit"),
+    ("random_control.png", ("ticket", "control", "random"), ("random",), "ticket vs random-mask control"),
+    ("signs.png", ("ticket", "control", "signs", "constant"), ("signs", "constant"), "what W0's signs carry"),
+    ("oneshot.png", ("ticket", "oneshot", "control"), ("oneshot",), "iterative vs one-shot pruning"),
+    ("rewind.png", ("ticket", "late_rewind", "control"), ("late_rewind",), "rewind to W0 vs late rewinding"),
 )
-COLORS = dict(zip(LABELS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
+COLORS = dict(zip(LABELS, ("tab:blue", "tab:orange", "tab:green", "tab:brown", "tab:pink", "tab:red", "tab:purple")))
 COLORS["reinit"] = COLORS["control"]  # the transfer's fresh-init control
 
 
@@ -2358,11 +2473,25 @@ def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
     write_text(out / "summary.md", summary)
     present, figures = set(rows.variant), []
     for name, shown, needs, title in FIGURES:
-        if needs is None or needs in present:
+        if not needs or present & set(needs):
             figures.append(out / name)
             plot_vs_weights(
                 rows, figures[-1], "test_acc", shown, "test accuracy (%)", f"LeNet-300-100 on MNIST: {title}"
             )
+    if "untrained_acc" in rows:
+        criterion = ((read_config_json(out) or {}).get("config") or {}).get("criterion", "magnitude")
+        figures.append(out / "supermask.png")
+        plot_vs_weights(
+            rows,
+            figures[-1],
+            "untrained_acc",
+            list(LABELS),
+            "test accuracy before training (%)",
+            f"Supermasks: each member's starting weights on its mask, untrained ({criterion} masks)",
+            reference=(10.0, "chance"),
+        )
+    if {"signs", "constant"} & present:
+        write_text(out / "signs.md", signs_markdown(rows))
     if "early_stop_iter" in rows:
         write_text(out / "early_stop.md", early_stop_markdown(rows))
         figures.append(out / "early_stop.png")
@@ -2401,6 +2530,8 @@ OUTPUT_FILES = (
     "masks.pt",
     "tickets.pt",
     *(f[0] for f in FIGURES),
+    "supermask.png",
+    "signs.md",
     "pixels.png",
     "early_stop.png",
     "test_acc_over_iterations.png",

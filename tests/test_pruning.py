@@ -1,5 +1,7 @@
-"""Global iterative magnitude pruning: exact counts, nested masks, the same choice as torch's pruner."""
+"""Global iterative magnitude pruning: exact counts, nested masks, the same choice as torch's pruner;
+Zhou et al.'s other criteria on hand-computed examples."""
 
+import pytest
 import torch
 import torch.nn.utils.prune as prune
 from conftest import lot
@@ -44,7 +46,7 @@ def iterate(rounds: int, seed: int = 0):
     for r in range(rounds):
         # a fresh "trained" network every round, as after each retraining
         weights = [w * m for w, m in zip(random_weights(seed + r), masks)]
-        masks = lot.global_magnitude_prune(weights, masks, 0.2)
+        masks = lot.global_prune([w.abs() for w in weights], masks, 0.2)
         history.append((weights, masks))
     return history
 
@@ -74,8 +76,8 @@ def test_threshold_separates_pruned_from_kept_weights_across_layers():
 
 def test_ties_are_broken_deterministically_by_position():
     weights = [torch.ones(o, i) for o, i in lot.SHAPES]  # every weight ties
-    a = lot.global_magnitude_prune(weights, full_masks(), 0.2)
-    b = lot.global_magnitude_prune(weights, full_masks(), 0.2)
+    a = lot.global_prune(weights, full_masks(), 0.2)
+    b = lot.global_prune(weights, full_masks(), 0.2)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     flat = torch.cat([m.flatten() for m in a])
     k = PAPER_COUNTS[0] - PAPER_COUNTS[1]
@@ -92,7 +94,7 @@ def test_global_mask_equals_torch_global_unstructured_l1_round_after_round():
             for layer in layers:
                 target = layer.weight_orig if hasattr(layer, "weight_orig") else layer.weight
                 target.copy_(torch.randn(target.shape, generator=g))
-        ours = lot.global_magnitude_prune([l.weight.detach().clone() for l in layers], masks, 0.2)
+        ours = lot.global_prune([l.weight.detach().abs() for l in layers], masks, 0.2)
         prune.global_unstructured([(l, "weight") for l in layers], pruning_method=prune.L1Unstructured, amount=0.2)
         for mine, layer in zip(ours, layers):
             assert torch.equal(mine, layer.weight_mask.bool()), f"round {r + 1}"
@@ -107,3 +109,46 @@ def test_rewound_weights_equal_w0_times_mask_and_biases_are_untouched():
         assert torch.equal(got, w * m)
     for got, b in zip(start[3:], w0[3:]):
         assert torch.equal(got, b)
+
+
+# Zhou et al.'s criteria on six weights in two layers: final (trained) against initial (W0).
+FINAL = [torch.tensor([0.5, -0.4, 0.3, -0.2]), torch.tensor([0.05, -0.6])]
+INITIAL = [torch.tensor([0.1, 0.6, -0.2, -0.3]), torch.tensor([0.01, -0.1])]
+ALL = [torch.ones(4, dtype=torch.bool), torch.ones(2, dtype=torch.bool)]
+KEPT_GLOBAL = {  # three of six go, lowest score first, across both layers
+    "magnitude": [[1, 1, 0, 0], [0, 1]],  # |w|: 0.05, 0.2 and 0.3 go
+    "same-sign": [[1, 0, 0, 1], [0, 1]],  # the two flipped weights first, then the smallest same-sign |w|, 0.05
+    "increase": [[1, 0, 1, 0], [0, 1]],  # |w_final| - |w_initial|: -0.2, -0.1 and 0.04 go
+}
+KEPT_LAYERWISE = {  # half of each layer goes
+    "magnitude": [[1, 1, 0, 0], [0, 1]],
+    "same-sign": [[1, 0, 0, 1], [0, 1]],
+    "increase": [[1, 0, 1, 0], [0, 1]],
+}
+
+
+def as_bool(masks):
+    return [torch.tensor(m, dtype=torch.bool) for m in masks]
+
+
+@pytest.mark.parametrize("criterion", KEPT_GLOBAL)
+def test_each_criterion_keeps_the_hand_computed_weights_globally_and_layer_by_layer(criterion):
+    cfg = lot.parse_config(["--criterion", criterion, "--prune-rate", "0.5"])
+    kept = lot.prune(cfg, FINAL, INITIAL, ALL)
+    assert all(torch.equal(k, e) for k, e in zip(kept, as_bool(KEPT_GLOBAL[criterion])))
+    scores = lot.prune_scores(criterion, FINAL, INITIAL)
+    kept = lot.layerwise_prune(scores, ALL, (0.5, 0.5))
+    assert all(torch.equal(k, e) for k, e in zip(kept, as_bool(KEPT_LAYERWISE[criterion])))
+
+
+def test_a_pruned_weight_stays_pruned_whatever_its_criterion_score():
+    alive = as_bool([[1, 0, 1, 1], [1, 1]])  # the flipped -0.4 is already gone
+    kept = lot.global_prune(lot.prune_scores("same-sign", FINAL, INITIAL), alive, 0.2)  # one of five goes
+    assert all(torch.equal(k, e) for k, e in zip(kept, as_bool([[1, 0, 0, 1], [1, 1]])))
+
+
+def test_magnitude_criterion_is_the_plain_magnitude_ranking():
+    weights, masks = random_weights(5), full_masks()
+    a = lot.prune(lot.parse_config([]), weights, random_weights(6), masks)
+    b = lot.global_prune([w.abs() for w in weights], masks, 0.2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

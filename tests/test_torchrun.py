@@ -30,6 +30,8 @@ RUN = [
     "1",
     "--controls",
     "reinit,random",
+    "--criterion",
+    "same-sign",  # untrained_acc rows and the criterion's masks, gathered across ranks
     "--oneshot",
     "--val-size",
     "100",

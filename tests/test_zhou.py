@@ -1,0 +1,128 @@
+"""What makes a ticket (Zhou et al., NeurIPS 2019): the sign-keeping controls start where their rules
+say, untrained_acc is an evaluation of each member's starting weights on its mask, and the new flags
+work with resuming and refuse what they cannot honour."""
+
+import math
+import signal
+
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY, lot, refused
+from test_training import half_masks
+
+RUN = [*TINY, "--trials", "2", "--controls", "reinit,signs,constant", "--criterion", "same-sign"]
+
+
+@pytest.mark.parametrize("init", ["kaiming-uniform", "xavier-normal"])
+def test_the_signs_control_draws_fresh_magnitudes_and_keeps_w0s_signs_on_the_tickets_mask(init):
+    w0 = lot.default_init(torch.Generator().manual_seed(0), init)
+    masks = [m[0] for m in half_masks(1)]
+    signs = lot.member_start("signs", masks, w0, torch.Generator().manual_seed(7), init)
+    fresh = lot.default_init(torch.Generator().manual_seed(7), init)  # the same stream, drawn by hand
+    for s, f, w, m in zip(signs, fresh, w0, masks):
+        assert torch.equal(s, f.abs() * w.sign() * m)
+        assert torch.equal(s[m].sign(), w[m].sign()) and (s[~m] == 0).all()
+        assert not torch.equal(s[m].abs(), w[m].abs())  # magnitudes are not W0's
+    for s, f in zip(signs[3:], fresh[3:]):
+        assert torch.equal(s, f)  # biases drawn as the reinit control's
+
+
+@pytest.mark.parametrize("init", ["kaiming-uniform", "xavier-normal"])
+def test_the_signed_constant_is_w0s_sign_times_the_inits_sd_in_each_layer(init):
+    w0 = lot.default_init(torch.Generator().manual_seed(0), init)
+    masks = [m[0] for m in half_masks(1)]
+    constant = lot.member_start("constant", masks, w0, torch.Generator(), init)
+    for c, w, m in zip(constant, w0, masks):
+        sd = lot.init_std(init, *w.shape)
+        assert sd == pytest.approx(w.std().item(), rel=5 / math.sqrt(2 * w.numel()))  # measured, within 5 sigma
+        assert torch.equal(c[m], w[m].sign() * sd) and (c[~m] == 0).all()
+    for c, b in zip(constant[3:], w0[3:]):
+        assert torch.equal(c, b)  # biases as the ticket's
+
+
+def test_init_std_is_the_closed_form_of_each_init():
+    assert lot.init_std("kaiming-uniform", 300, 784) == pytest.approx(1 / math.sqrt(3 * 784))
+    assert lot.init_std("xavier-normal", 300, 784) == pytest.approx(math.sqrt(2 / 1084))
+
+
+@pytest.fixture(scope="module")
+def zhou_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zhou") / "out"
+    assert lot.main([*RUN, "--out", str(out)]) == 0
+    return out
+
+
+def test_untrained_acc_is_the_test_accuracy_of_w0_on_the_mask_evaluated_by_hand(zhou_run, mnist):
+    rows = pd.read_csv(zhou_run / "results.csv")
+    test = mnist[1]
+    w0 = torch.load(zhou_run / "tickets.pt", weights_only=True)
+    for trial in (0, 1):
+        for rnd in (0, 2):
+            model = lot.load_ticket(zhou_run, round=rnd, trial=trial)  # W0 x mask, by hand
+            with torch.no_grad():
+                by_hand = 100.0 * (model(test.x).argmax(1) == test.y).float().mean().item()
+            row = rows[(rows.trial == trial) & (rows["round"] == rnd) & (rows.variant == "ticket")]
+            assert row.untrained_acc.item() == pytest.approx(by_hand, abs=0.011)
+            constant = lot.member_start(
+                "constant",
+                [lot.load_masks(zhou_run)[n][trial, rnd] for n in lot.LAYERS],
+                [w0[p][trial] for p in lot.PARAMS],
+                torch.Generator(),
+                "kaiming-uniform",
+            )
+            with torch.no_grad():
+                logp = lot.lenet_forward(
+                    test.x.unsqueeze(0), [w[None] for w in constant[:3]], [b[None] for b in constant[3:]]
+                )[2]
+            by_hand = 100.0 * (logp[0].argmax(1) == test.y).float().mean().item()
+            row = rows[(rows.trial == trial) & (rows["round"] == rnd) & (rows.variant == "constant")]
+            assert row.untrained_acc.item() == pytest.approx(by_hand, abs=0.011)
+
+
+def test_a_run_with_the_new_controls_writes_their_rows_figures_and_paired_table(zhou_run):
+    rows = pd.read_csv(zhou_run / "results.csv")
+    assert list(rows.variant.unique()) == ["ticket", "control", "signs", "constant"]
+    assert rows.untrained_acc.between(0, 100).all()
+    assert (rows.groupby(["trial", "round"]).weights.nunique() == 1).all()  # all on the ticket's mask
+    for png in ("signs.png", "supermask.png"):
+        assert (zhou_run / png).read_bytes()[:4] == b"\x89PNG"
+    table = (zhou_run / "signs.md").read_text()
+    assert "| Signs - Ticket | Signs - Control | Signed constant - Ticket | Signed constant - Control |" in table
+    assert "Test accuracy (%) before training" in table
+
+
+def test_a_default_run_has_no_untrained_column(tmp_path):
+    assert not lot.records_untrained(lot.parse_config([]))
+    assert lot.records_untrained(lot.parse_config(["--controls", "reinit,constant"]))
+    assert lot.records_untrained(lot.parse_config(["--criterion", "increase"]))
+
+
+def test_a_run_with_the_new_flags_paused_inside_round_1_resumes_to_the_same_bytes(zhou_run, tmp_path, monkeypatch):
+    # Calls: round 0 epochs 1, 2, round 1 epochs 1, 2: the 4th pauses round 1 after its untrained evaluation.
+    out, calls, real = tmp_path / "paused", [], lot.train_epoch
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lot, "train_epoch", interrupted)
+    assert lot.main([*RUN, "--out", str(out)]) == 130
+    monkeypatch.setattr(lot, "train_epoch", real)
+    assert lot.main([*RUN, "--out", str(out), "--resume"]) == 0
+    for name in ("results.csv", "curves.csv", "masks.pt"):
+        assert (out / name).read_bytes() == (zhou_run / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--criterion", "bogus"], "--criterion must be one of magnitude, same-sign, increase"),
+        (["--controls", "signs,signs"], "--controls must be a comma list"),
+        (["--controls", "sign"], "--controls must be a comma list"),
+    ],
+)
+def test_bad_new_flags_are_one_line_and_nothing_written(flags, message, tmp_path, capsys):
+    assert message in refused([*flags, "--out", str(tmp_path / "o")], capsys, tmp_path / "o")
