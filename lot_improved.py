@@ -25,7 +25,8 @@ the ticket reaches 97.52 +- 0.23% test accuracy and the control 96.35 +- 0.31% (
 Beside tickets and controls it trains, on request, random-mask controls, one-shot and
 late-rewound tickets (--controls, --oneshot, --rewind-to), with early stopping on a validation
 split (--val-size), the paper's own protocol (--preset paper) and a Fashion-MNIST transfer
-(--transfer). Outputs land in --out (default results/): results.csv, curves.csv, masks.pt,
+(--transfer); and Zhou et al.'s (2019) sign-keeping controls, accuracy before training
+(supermasks) and mask criteria (--controls signs,constant, --criterion). Outputs land in --out (default results/): results.csv, curves.csv, masks.pt,
 tickets.pt (load_ticket() turns any round into a plain nn.Sequential), figures, summary.md,
 config.json and checkpoint.pt (--resume continues from it). The README explains each one and
 shows the runs committed in results/.
@@ -814,13 +815,18 @@ def surviving_schedule(total: int, rate: float, rounds: int) -> list[int]:
 
 def prune_scores(criterion: str, final: Sequence[Tensor], initial: Sequence[Tensor]) -> list[Tensor]:
     """What pruning ranks, per weight, the lowest going first (Zhou et al.'s mask criteria):
-    magnitude |w_final| (Frankle & Carbin's); same-sign |w_final| where the weight kept its
-    initial sign and -inf where it flipped, so flipped weights go first; increase |w_final| - |w_initial|."""
+    magnitude |w_final| (Frankle & Carbin's); increase |w_final| - |w_initial|; same-sign
+    |w_final|, less a constant above every |w| where the weight's sign flipped, so that flipped
+    weights go first, the smallest first (not by position: that would strip fc1's first rows)."""
     if criterion == "magnitude":
         return [w.abs() for w in final]
     if criterion == "increase":
         return [f.abs() - i.abs() for f, i in zip(final, initial)]
-    return [torch.where(torch.sign(f) == torch.sign(i), f.abs(), -torch.inf) for f, i in zip(final, initial)]
+    above = 1.0 + max(float(f.abs().max()) for f in final)
+    return [  # float64: the offset must not blur the order of the flipped weights' magnitudes
+        torch.where(torch.sign(f) == torch.sign(i), f.abs().double(), f.abs().double() - above)
+        for f, i in zip(final, initial)
+    ]
 
 
 def prune_smallest(scores: Sequence[Tensor], masks: Sequence[Tensor], k: int) -> list[Tensor]:
@@ -1053,7 +1059,7 @@ class StepGraph:
                     self.total += train_step(stack, opt, train, self.idx).sum(1)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=side):  # not torch's cached stream: that one may be another GPU's
                 self.total += train_step(stack, opt, train, self.idx).sum(1)
         opt.param.copy_(params)
         opt.restore(saved, steps)
@@ -1445,8 +1451,9 @@ def begin_round(
     control_gens: Sequence[torch.Generator],
     signs_gens: Sequence[torch.Generator] = (),
 ) -> None:
-    """Prune each iterative ticket (from its trained weights, still in the stack, against the
-    weights it started from), then load every member's starting weights on its mask."""
+    """Prune each iterative ticket (its trained weights, still in the stack, scored against the
+    weights it rewinds to: W0, or the late-rewound ticket's rewind point), then load every
+    member's starting weights on its mask."""
     cfg, rnd, names, n = plan.cfg, state.round, plan.names, len(trial_ids(state))
     trained = [w.detach().cpu() for w in stack._w + stack._b]
     if rnd == 1 and "oneshot" in names:  # one-shot tickets prune the tickets' dense trained weights
@@ -1583,8 +1590,9 @@ class Experiment:
         net: nn.Module = LeNetStack(len(self.trials) * len(plan.names), len(plan.names), device)
         if cfg.data_parallel:
             if device.type == "cuda":  # every visible GPU, the run's own first (it gathers the gradients)
-                others = [i for i in range(torch.cuda.device_count()) if i != device.index]
-                net = nn.DataParallel(net, device_ids=[device.index, *others], dim=1)
+                first = torch.cuda.current_device() if device.index is None else device.index
+                others = [i for i in range(torch.cuda.device_count()) if i != first]
+                net = nn.DataParallel(net, device_ids=[first, *others], dim=1)
             else:
                 warn("--data-parallel needs CUDA; training on the CPU without it")
         self.stack = unwrap(net)
@@ -1934,7 +1942,7 @@ def masks_payload(cfg: Config, state: RunState) -> dict[str, Tensor]:
     past = torch.arange(state.round).view(1, -1, 1, 1)
     payload = {name: p.unsqueeze(1) > past for name, p in zip(LAYERS, state.pruned_at["ticket"])}
     for variant in variants(cfg):
-        if variant in ("ticket", "control"):
+        if variant == "ticket" or variant in SHARES_MASK:
             continue
         per_round = [
             [member_masks(cfg, state, t, variant, r) for r in range(state.round)] for t in range(len(trial_ids(state)))
@@ -2010,7 +2018,7 @@ def load_ticket(out: str | Path, round: int, trial: int = 0, variant: str = "tic
     masks = load_masks(out)
     start = torch.load(out / "tickets.pt", weights_only=True)
     key = "" if variant == "ticket" else f"{variant}."
-    if variant == "control" or f"{key}fc1" not in masks:
+    if variant in SHARES_MASK or f"{key}fc1" not in masks:
         trained = sorted({"ticket", *(k.split(".")[0] for k in masks if k.count(".") == 1)})
         raise ValueError(f"no masks of variant {variant!r} in {out}/masks.pt (it has {', '.join(trained)})")
     if not (0 <= round < masks["fc1"].shape[1] and 0 <= trial < masks["fc1"].shape[0]):
@@ -2487,7 +2495,7 @@ def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
             "untrained_acc",
             list(LABELS),
             "test accuracy before training (%)",
-            f"Supermasks: each member's starting weights on its mask, untrained ({criterion} masks)",
+            f"Supermasks: starting weights on each mask, untrained ({criterion} masks)",
             reference=(10.0, "chance"),
         )
     if {"signs", "constant"} & present:
@@ -2554,7 +2562,7 @@ def save_checkpoint(
 ) -> None:
     payload = {
         "format": 2,
-        "config": dataclasses.asdict(cfg),
+        "config": {**dataclasses.asdict(cfg), "sparse": sparse_engine(cfg)},  # auto resolved on this machine
         "device": str(device),
         "data_sha256": data_sha256,
         "state": {f.name: getattr(state, f.name) for f in dataclasses.fields(RunState)},
@@ -2736,7 +2744,7 @@ def resume_command(cfg: Config) -> str:
 def gpu_hint(cfg: Config, ranks: Ranks, device: torch.device, visible: int) -> str | None:
     """With several GPUs visible a process trains on one (the stack's steps are launch-bound;
     DataParallel would only add copies): the line that says so, with the command that uses all."""
-    if device.type != "cuda" or ranks.launched or visible < 2 or cfg.data_parallel:
+    if device.type != "cuda" or ranks.launched or visible < 2 or cfg.data_parallel or cfg.resume:
         return None
     flags = cli_flags(dataclasses.replace(cfg, trials=max(cfg.trials, visible), device="auto"))
     command = shlex.join(["torchrun", "--standalone", "--nproc-per-node", str(visible), "lot_improved.py", *flags])
@@ -2892,7 +2900,8 @@ def saved_run(cfg: Config, ranks: Ranks, device: torch.device) -> tuple[RunState
     diffs = config_differences(saved["config"], cfg)
     if diffs:
         raise UsageError(f"--resume: settings differ from the run in {cfg.out}/: {', '.join(diffs)}")
-    if state and saved["device"] != str(device):
+    then = torch.device(saved["device"])  # older runs saved "cuda": cuda:0
+    if state and (torch.device("cuda", 0) if then == torch.device("cuda") else then) != device:
         warn(
             f"resuming on {device} a run begun on {saved['device']}: later numbers may differ in the "
             "last bits from an uninterrupted run"

@@ -25,7 +25,7 @@ class FakeCuda:
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.note("current_stream", device))
         monkeypatch.setattr(torch.cuda, "stream", lambda s: self.scope("stream"))
         monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: self.note("CUDAGraph", None))
-        monkeypatch.setattr(torch.cuda, "graph", lambda g: self.scope("graph"))
+        monkeypatch.setattr(torch.cuda, "graph", lambda g, stream=None: self.scope("graph", stream))
 
     @contextlib.contextmanager
     def device(self, device):
@@ -36,12 +36,15 @@ class FakeCuda:
             self.current = before
 
     def note(self, what, device):
-        self.made.append((what, self.current, None if device is None else torch.device(device).index))
-        return type("Fake", (), {"wait_stream": lambda self, other: None, "replay": lambda self: None})()
+        index = None if device is None else torch.device(device).index
+        self.made.append((what, self.current, index))
+        fake = type("Fake", (), {"wait_stream": lambda self, other: None, "replay": lambda self: None})()
+        fake.device = torch.device("cuda", self.current if index is None else index)  # where CUDA would put it
+        return fake
 
     @contextlib.contextmanager
-    def scope(self, what):
-        self.note(what, None)
+    def scope(self, what, stream=None):  # a capture given no stream uses torch's cached one: maybe another GPU's
+        self.note(what, None if stream is None else stream.device)
         yield
 
 
@@ -56,6 +59,7 @@ def test_a_step_graph_makes_its_streams_and_graph_on_the_runs_own_device(monkeyp
     assert {what for what, _, _ in cuda.made} == {"Stream", "current_stream", "stream", "CUDAGraph", "graph"}
     assert all(current == 1 for _, current, _ in cuda.made), cuda.made
     assert all(given in (None, 1) for _, _, given in cuda.made), cuda.made
+    assert [given for what, _, given in cuda.made if what == "graph"] == [1]  # captured on a stream of cuda:1
     assert cuda.current == 0  # the scope ends with the capture
 
 
@@ -84,6 +88,8 @@ def test_a_process_that_sees_two_gpus_says_it_uses_one_and_how_to_use_both():
     assert lot.gpu_hint(cfg, lot.Ranks(), torch.device("cuda", 0), visible=1) is None
     assert lot.gpu_hint(cfg, lot.Ranks(0, 1, 0, True), torch.device("cuda", 0), visible=2) is None  # torchrun
     assert lot.gpu_hint(cfg, lot.Ranks(), torch.device("cpu"), visible=0) is None
+    resuming = lot.parse_config(["--resume"])  # its checkpoint holds this process's trials: no new command
+    assert lot.gpu_hint(resuming, lot.Ranks(), torch.device("cuda", 0), visible=2) is None
 
 
 def test_environment_switches_are_read_when_main_runs_and_bad_values_are_one_line(tmp_path, monkeypatch, capsys):

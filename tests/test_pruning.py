@@ -141,6 +141,11 @@ def test_each_criterion_keeps_the_hand_computed_weights_globally_and_layer_by_la
     assert all(torch.equal(k, e) for k, e in zip(kept, as_bool(KEPT_LAYERWISE[criterion])))
 
 
+def test_same_sign_prunes_the_flipped_weights_smallest_first_not_by_position():
+    kept = lot.global_prune(lot.prune_scores("same-sign", FINAL, INITIAL), ALL, 1 / 6)  # one of six goes
+    assert all(torch.equal(k, e) for k, e in zip(kept, as_bool([[1, 1, 0, 1], [1, 1]])))  # 0.3 before 0.4
+
+
 def test_a_pruned_weight_stays_pruned_whatever_its_criterion_score():
     alive = as_bool([[1, 0, 1, 1], [1, 1]])  # the flipped -0.4 is already gone
     kept = lot.global_prune(lot.prune_scores("same-sign", FINAL, INITIAL), alive, 0.2)  # one of five goes

@@ -92,6 +92,13 @@ def test_a_run_with_the_new_controls_writes_their_rows_figures_and_paired_table(
     assert "Test accuracy (%) before training" in table
 
 
+def test_the_controls_on_the_tickets_mask_store_no_masks_of_their_own(zhou_run):
+    assert set(lot.load_masks(zhou_run)) == {"fc1", "fc2", "fc3"}
+    for variant in ("control", "signs", "constant"):
+        with pytest.raises(ValueError, match="no masks of variant"):
+            lot.load_ticket(zhou_run, round=1, variant=variant)
+
+
 def test_a_default_run_has_no_untrained_column(tmp_path):
     assert not lot.records_untrained(lot.parse_config([]))
     assert lot.records_untrained(lot.parse_config(["--controls", "reinit,constant"]))
