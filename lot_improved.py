@@ -26,9 +26,10 @@ Beside tickets and controls it trains, on request, random-mask controls, one-sho
 late-rewound tickets (--controls, --oneshot, --rewind-to), with early stopping on a validation
 split (--val-size), the paper's own protocol (--preset paper) and a Fashion-MNIST transfer
 (--transfer); and Zhou et al.'s (2019) sign-keeping controls, accuracy before training
-(supermasks) and mask criteria (--controls signs,constant, --criterion). Outputs land in --out (default results/): results.csv, curves.csv, masks.pt,
-tickets.pt (load_ticket() turns any round into a plain nn.Sequential), figures, summary.md,
-config.json and checkpoint.pt (--resume continues from it). The README explains each one and
+(supermasks) and mask criteria (--controls signs,constant, --criterion). Outputs land in --out
+(default results/): results.csv, curves.csv, masks.pt, tickets.pt (load_ticket() turns any round
+into a plain nn.Sequential), figures, summary.md, config.json and checkpoint.pt (--resume
+continues from it). The README explains each one and
 shows the runs committed in results/.
 """
 
@@ -2495,7 +2496,7 @@ def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
             "untrained_acc",
             list(LABELS),
             "test accuracy before training (%)",
-            f"Supermasks: starting weights on each mask, untrained ({criterion} masks)",
+            f"Supermasks: accuracy before training ({criterion} masks)",
             reference=(10.0, "chance"),
         )
     if {"signs", "constant"} & present:
