@@ -11,7 +11,7 @@ import torch
 from conftest import TINY, lot, refused
 from test_training import half_masks
 
-RUN = [*TINY, "--trials", "2", "--controls", "reinit,signs,constant", "--criterion", "same-sign"]
+RUN = [*TINY, "--controls", "reinit,signs,constant", "--criterion", "same-sign"]
 
 
 @pytest.mark.parametrize("init", ["kaiming-uniform", "xavier-normal"])
@@ -54,30 +54,26 @@ def zhou_run(tmp_path_factory):
 
 
 def test_untrained_acc_is_the_test_accuracy_of_w0_on_the_mask_evaluated_by_hand(zhou_run, mnist):
-    rows = pd.read_csv(zhou_run / "results.csv")
-    test = mnist[1]
-    w0 = torch.load(zhou_run / "tickets.pt", weights_only=True)
-    for trial in (0, 1):
-        for rnd in (0, 2):
-            model = lot.load_ticket(zhou_run, round=rnd, trial=trial)  # W0 x mask, by hand
-            with torch.no_grad():
-                by_hand = 100.0 * (model(test.x).argmax(1) == test.y).float().mean().item()
-            row = rows[(rows.trial == trial) & (rows["round"] == rnd) & (rows.variant == "ticket")]
-            assert row.untrained_acc.item() == pytest.approx(by_hand, abs=0.011)
+    rows, test = pd.read_csv(zhou_run / "results.csv"), mnist[1]
+    w0, masks = torch.load(zhou_run / "tickets.pt", weights_only=True), lot.load_masks(zhou_run)
+
+    def recorded(rnd, variant):
+        return rows[(rows["round"] == rnd) & (rows.variant == variant)].untrained_acc.item()
+
+    for rnd in (0, 2):
+        with torch.no_grad():
+            ticket = lot.load_ticket(zhou_run, round=rnd)(test.x)  # W0 x mask, by hand
             constant = lot.member_start(
                 "constant",
-                [lot.load_masks(zhou_run)[n][trial, rnd] for n in lot.LAYERS],
-                [w0[p][trial] for p in lot.PARAMS],
-                torch.Generator(),
-                "kaiming-uniform",
+                [masks[n][0, rnd] for n in lot.LAYERS],
+                [w0[p][0] for p in lot.PARAMS],
+                None,
+                lot.Config.init,
             )
-            with torch.no_grad():
-                logp = lot.lenet_forward(
-                    test.x.unsqueeze(0), [w[None] for w in constant[:3]], [b[None] for b in constant[3:]]
-                )[2]
-            by_hand = 100.0 * (logp[0].argmax(1) == test.y).float().mean().item()
-            row = rows[(rows.trial == trial) & (rows["round"] == rnd) & (rows.variant == "constant")]
-            assert row.untrained_acc.item() == pytest.approx(by_hand, abs=0.011)
+            constant = lot.lenet_forward(test.x[None], [w[None] for w in constant[:3]], [b[None] for b in constant[3:]])
+        for variant, logits in (("ticket", ticket), ("constant", constant[2][0])):
+            by_hand = 100.0 * (logits.argmax(1) == test.y).float().mean().item()
+            assert recorded(rnd, variant) == pytest.approx(by_hand, abs=0.011), (rnd, variant)
 
 
 def test_a_run_with_the_new_controls_writes_their_rows_figures_and_paired_table(zhou_run):
