@@ -167,3 +167,16 @@ def test_torchrun_on_two_gpus_gives_the_single_process_outputs(tmp_path):
     a, b = (pd.read_csv(tmp_path / d / "results.csv") for d in ("one", "two"))
     assert (a.weights == b.weights).all()
     assert (a.test_acc - b.test_acc).abs().max() <= 0.5 and (a.test_loss - b.test_loss).abs().max() <= 1e-2
+
+
+def test_resuming_warns_only_when_the_device_really_changed(tmp_path, capsys):
+    # Runs saved before devices carried their index recorded "cuda": that is cuda:0.
+    out = tmp_path / "run"
+    assert lot.main([*TINY, "--rounds", "1", "--out", str(out)]) == 0
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    cfg = lot.parse_config([*TINY, "--rounds", "1", "--out", str(out), "--resume"])
+    for saved, warned in (("cuda", False), ("cuda:0", False), ("cuda:1", True)):
+        lot.save_torch(out / "checkpoint.pt", {**payload, "device": saved})
+        capsys.readouterr()
+        lot.saved_run(cfg, lot.Ranks(), torch.device("cuda", 0))
+        assert ("resuming on cuda:0 a run begun on" in capsys.readouterr().err) == warned, saved
