@@ -123,8 +123,10 @@ class Config:
         metadata={
             "help": "comma list of controls beside each ticket: reinit (its mask, a fresh init), random (a random "
             "mask with its per-layer counts, trained from W0), signs (its mask, fresh magnitudes with W0's signs), "
-            "constant (its mask, W0's signs times the init's per-layer sd); with signs or constant, results.csv "
-            "adds untrained_acc"
+            "constant (its mask, W0's signs times the init's per-layer sd); snip, grasp, synflow (a mask found at "
+            "W0 before any training, with the ticket's count of weights, trained from W0); snip-shuffled, ... (that "
+            "mask shuffled within each layer), snip-reinit, ... (that mask, a fresh init); with signs, constant or "
+            "the pruning-at-init controls, results.csv adds untrained_acc"
         },
     )
     criterion: str = field(
@@ -225,7 +227,10 @@ CHOICES = {
     "init": ("kaiming-uniform", "xavier-normal"),
     "criterion": ("magnitude", "same-sign", "increase"),
 }
-CONTROLS = ("reinit", "random", "signs", "constant")
+AT_INIT = ("snip", "grasp", "synflow")  # masks found at initialisation, from W0 alone
+ABLATIONS = ("shuffled", "reinit")  # Frankle et al. (2021)'s: the mask shuffled within each layer; a fresh init
+AT_INIT_VARIANTS = (*AT_INIT, *(f"{m}-{a}" for a in ABLATIONS for m in AT_INIT))  # in stacking order
+CONTROLS = ("reinit", "random", "signs", "constant", *AT_INIT_VARIANTS)
 
 # Settings that may differ when resuming: they change where files go or how the work is spread,
 # not what is computed (a different device changes only the last bits; resuming warns).
@@ -312,8 +317,11 @@ def layer_rates(cfg: Config) -> tuple[float, ...]:
 
 def controls(cfg: Config) -> tuple[str, ...]:
     chosen = tuple(c.strip() for c in cfg.controls.split(","))
-    if not chosen or not set(chosen) <= set(CONTROLS) or len(set(chosen)) != len(chosen):
-        raise UsageError(f"--controls must be a comma list of {', '.join(CONTROLS)}, got {cfg.controls!r}")
+    unknown = [c for c in chosen if c not in CONTROLS]
+    twice = sorted({c for c in chosen if chosen.count(c) > 1})
+    if unknown or twice:
+        what = f"unknown {', '.join(map(repr, unknown))}" if unknown else f"{', '.join(twice)} given twice"
+        raise UsageError(f"--controls must be a comma list of {', '.join(CONTROLS)}, got {cfg.controls!r} ({what})")
     return chosen
 
 
@@ -386,6 +394,7 @@ def variants(cfg: Config) -> tuple[str, ...]:
         *(["random"] if "random" in chosen else []),
         *(["signs"] if "signs" in chosen else []),
         *(["constant"] if "constant" in chosen else []),
+        *(v for v in AT_INIT_VARIANTS if v in chosen),
         *(["oneshot"] if cfg.oneshot else []),
         *(["late_rewind"] if late else []),
     )
@@ -393,8 +402,23 @@ def variants(cfg: Config) -> tuple[str, ...]:
 
 def records_untrained(cfg: Config) -> bool:
     """Whether results.csv carries untrained_acc: with the controls and criteria that ask what a
-    mask does before training (Zhou et al.'s supermasks); other runs keep their columns."""
-    return bool({"signs", "constant"} & set(controls(cfg))) or cfg.criterion != "magnitude"
+    mask does before training (Zhou et al.'s supermasks, the masks found at initialisation); other
+    runs keep their columns."""
+    return bool({"signs", "constant", *AT_INIT_VARIANTS} & set(controls(cfg))) or cfg.criterion != "magnitude"
+
+
+def at_init_parts(variant: str) -> tuple[str, str]:
+    """(method, ablation) of a pruning-at-init variant: snip-shuffled is (snip, shuffled), snip
+    (snip, ""); of any other variant ("", "")."""
+    method, _, ablation = variant.partition("-")
+    return (method, ablation) if variant in AT_INIT_VARIANTS else ("", "")
+
+
+def at_init_methods(cfg: Config) -> tuple[str, ...]:
+    """The methods whose masks the run needs: those trained, and those an ablation starts from (a
+    shuffle or reinit without its method is allowed: the method's mask is found, not trained)."""
+    needed = {at_init_parts(c)[0] for c in controls(cfg)}
+    return tuple(m for m in AT_INIT if m in needed)
 
 
 def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
@@ -419,7 +443,8 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
 
 def derive_seed(seed: int, trial: int, stream: str, *more: int) -> int:
     """Independent 63-bit seeds per (trial, stream, ...), so streams never disturb each other."""
-    stream_id = {"init": 0, "control": 1, "data": 2, "random": 3, "split": 4, "transfer": 5, "signs": 6}[stream]
+    streams = ("init", "control", "data", "random", "split", "transfer", "signs", "shuffle", "fresh")
+    stream_id = streams.index(stream)
     return int(np.random.SeedSequence([seed, trial, stream_id, *more]).generate_state(1, np.uint64)[0]) >> 1
 
 
@@ -880,6 +905,137 @@ def random_masks(counts: Sequence[int], generator: torch.Generator) -> list[Tens
     return masks
 
 
+# Pruning at initialisation: SNIP (Lee et al., 2019), GraSP (Wang et al., 2020) and SynFlow (Tanaka et
+# al., 2020) score W0 before any training, on one plain LeNet in float64 (CPU, autograd): the same
+# bits on every device and in every process, however many members are stacked.
+SCORE_PER_CLASS = 10  # SNIP's and GraSP's images: the first 10 of each class in a trial's training split
+GRASP_TEMPERATURE = 200.0  # the authors' T: logits / T before the cross-entropy
+SYNFLOW_STEPS = 100  # SynFlow's iterations per mask, on an exponential schedule
+
+
+def mlp_logits(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]) -> Tensor:
+    """Logits [N, classes] of a plain ReLU network (any depth), images x [N, in]."""
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        x = torch.addmm(b, x, w.t())
+        x = x.relu() if i < len(weights) - 1 else x
+    return x
+
+
+def leaves(tensors: Sequence[Tensor]) -> list[Tensor]:
+    return [t.detach().double().requires_grad_() for t in tensors]
+
+
+def snip_scores(weights: Sequence[Tensor], biases: Sequence[Tensor], x: Tensor, y: Tensor) -> list[Tensor]:
+    """SNIP's connection sensitivity |dL/dw * w| (= |dL/dc| at mask c = 1), L the mean cross-entropy
+    on the images x, y. The highest are kept."""
+    w = leaves(weights)
+    loss = nn.functional.cross_entropy(mlp_logits(x.double(), w, [b.double() for b in biases]), y)
+    return [(g * v).abs().detach() for g, v in zip(torch.autograd.grad(loss, w), w)]
+
+
+def grasp_scores(
+    weights: Sequence[Tensor], biases: Sequence[Tensor], x: Tensor, y: Tensor, temperature: float = GRASP_TEMPERATURE
+) -> list[Tensor]:
+    """GraSP's -w * Hg, g and H the gradient and Hessian (weights only, biases held) of the mean
+    cross-entropy of logits / temperature; Hg by double backprop, d(g_stopped . g)/dw. The highest
+    are removed: they are the weights whose removal most reduces the gradient flow."""
+    w = leaves(weights)
+    loss = nn.functional.cross_entropy(mlp_logits(x.double(), w, [b.double() for b in biases]) / temperature, y)
+    g = torch.autograd.grad(loss, w, create_graph=True)
+    hg = torch.autograd.grad(sum((gi * gi.detach()).sum() for gi in g), w)
+    return [-(v * h).detach() for v, h in zip(w, hg)]
+
+
+def synflow_scores(weights: Sequence[Tensor], biases: Sequence[Tensor]) -> list[Tensor]:
+    """SynFlow's |dR/dw * w|: every parameter (biases too) replaced by its absolute value, R the
+    sum of the logits of an all-ones input, in float64. Pruned weights (0) score 0."""
+    w = leaves([t.abs() for t in weights])
+    r = mlp_logits(torch.ones(1, w[0].shape[1], dtype=torch.float64), w, [b.double().abs() for b in biases]).sum()
+    return [(g * v).abs().detach() for g, v in zip(torch.autograd.grad(r, w), w)]
+
+
+def keep_ranks(keys: Sequence[Tensor]) -> list[Tensor]:
+    """Each weight's place in the order of keeping, ranked across the given layers together: 0
+    for the highest key; ties by position (first layer first, row-major). The mask keeping k
+    weights is rank < k, so the masks of lower counts nest."""
+    flat = torch.cat([k.flatten() for k in keys])
+    ranks = torch.empty(len(flat), dtype=torch.int32)
+    ranks[torch.sort(flat, descending=True, stable=True).indices] = torch.arange(len(flat), dtype=torch.int32)
+    return [part.view_as(k) for part, k in zip(ranks.split([k.numel() for k in keys]), keys)]
+
+
+def ranked_keys(method: str, weights: Sequence[Tensor], biases: Sequence[Tensor], x: Tensor, y: Tensor) -> list[Tensor]:
+    """What SNIP and GraSP keep first, highest first: SNIP's score, GraSP's negated (it removes its highest)."""
+    if method == "snip":
+        return snip_scores(weights, biases, x, y)
+    return [-s for s in grasp_scores(weights, biases, x, y)]
+
+
+def score_ranks(method: str, params: Sequence[Tensor], x: Tensor, y: Tensor, per_layer: bool) -> list[Tensor]:
+    """SNIP's or GraSP's keep ranks of one LeNet's [w1, w2, w3, b1, b2, b3]: across all layers
+    (global scope), or within each (layer scope)."""
+    keys = ranked_keys(method, params[: len(LAYERS)], params[len(LAYERS) :], x, y)
+    return [keep_ranks([k])[0] for k in keys] if per_layer else keep_ranks(keys)
+
+
+def exponential_count(total: int, kept: int, step: int, steps: int) -> int:
+    """Weights alive after step of steps (1-based) when pruning total down to kept on SynFlow's
+    exponential schedule, density (kept / total) ** (step / steps); exactly kept at the end."""
+    return kept if step == steps else round(total * (kept / total) ** (step / steps))
+
+
+def synflow_masks(
+    params: Sequence[Tensor], counts: Sequence[int], per_layer: bool, steps: int = SYNFLOW_STEPS
+) -> list[Tensor]:
+    """SynFlow's masks of one network ([w..., b...]) keeping counts[l] weights of layer l (global
+    scope: their sum, ranked across layers): steps rounds of scoring the masked network and
+    pruning its lowest scores, down an exponential schedule. Scores change as weights go, so
+    masks of lower counts need not nest in those of higher ones."""
+    n = len(counts)
+    weights, biases = [w.double() for w in params[:n]], params[n:]
+    masks = [torch.ones_like(w, dtype=torch.bool) for w in weights]
+    for step in range(1, steps + 1):
+        scores = synflow_scores([torch.where(m, w, 0.0) for w, m in zip(weights, masks)], biases)
+        if per_layer:
+            masks = [
+                drop_lowest([s], [m], int(m.sum()) - exponential_count(m.numel(), k, step, steps))[0]
+                for s, m, k in zip(scores, masks, counts)
+            ]
+        else:
+            alive = sum(int(m.sum()) for m in masks)
+            target = exponential_count(sum(m.numel() for m in masks), sum(counts), step, steps)
+            masks = drop_lowest(scores, masks, alive - target)
+    return masks
+
+
+def drop_lowest(scores: Sequence[Tensor], masks: Sequence[Tensor], k: int) -> list[Tensor]:
+    """prune_smallest's masks, the same weights (ties by position, the first dropped first), by
+    selection instead of a sort: several times faster, for SynFlow's hundred steps a mask."""
+    flat, alive = torch.cat([s.flatten() for s in scores]), torch.cat([m.flatten() for m in masks])
+    if k > 0:
+        value = torch.kthvalue(flat[alive], k).values  # the k-th lowest surviving score
+        drop = alive & (flat < value)
+        ties = (alive & (flat == value)).nonzero().squeeze(1)
+        alive &= ~drop
+        alive[ties[: k - int(drop.sum())]] = False
+    return [part.view_as(m) for part, m in zip(alive.split([m.numel() for m in masks]), masks)]
+
+
+def shuffle_masks(masks: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
+    """Each layer's mask permuted at random (as open_lth's shuffle): its count kept, its positions not."""
+    return [m.flatten()[torch.randperm(m.numel(), generator=generator)].view_as(m) for m in masks]
+
+
+def score_images(train: Split, index: Tensor, per_class: int = SCORE_PER_CLASS) -> tuple[Tensor, Tensor]:
+    """SNIP's and GraSP's fixed batch: the first per_class images of each class among index (a
+    trial's training images, in dataset order: never its validation images), class by class as
+    GraSP's authors batch them; on the CPU."""
+    index = index.to(train.y.device)
+    labels = train.y[index]
+    picked = torch.cat([index[labels == c][:per_class] for c in range(DIMS[-1])])
+    return train.x[picked].cpu(), train.y[picked].cpu()
+
+
 def rewind(init: Sequence[Tensor], masks: Sequence[Tensor]) -> list[Tensor]:
     """Weights reset to their initial values times the mask; biases reset, never masked."""
     n = len(masks)
@@ -1263,6 +1419,7 @@ LABELS = {
     "constant": "Signed constant",
     "oneshot": "One-shot",
     "late_rewind": "Late rewind",
+    **{v: v.replace("snip", "SNIP").replace("grasp", "GraSP").replace("synflow", "SynFlow") for v in AT_INIT_VARIANTS},
 }
 SHARES_MASK = ("control", "signs", "constant")  # controls on the ticket's own mask
 
@@ -1300,6 +1457,10 @@ class RunState:
     csr_rounds: list[int] = field(default_factory=list)  # rounds whose fc1 trained through CSR kernels (--sparse)
     signs_rng: list[Tensor] = field(default_factory=list)  # generator states of the signs control's magnitudes
     untrained: list[float] = field(default_factory=list)  # this round's untrained_acc per member (supermasks)
+    # Masks found at W0, per method, per layer: SNIP's and GraSP's keep ranks [trials, out, in] int32
+    # (one score per trial; a round's mask is rank < its count); SynFlow's every begun round's mask,
+    # 8 weights a byte, [trials, rounds, ceil(out * in / 8)] uint8.
+    at_init: dict[str, list[Tensor]] = field(default_factory=dict)
 
 
 class Paused(Exception):
@@ -1347,11 +1508,73 @@ def member_masks(cfg: Config, state: RunState, trial: int, variant: str, rnd: in
     ticket = [p[trial] > rnd for p in state.pruned_at["ticket"]]
     if variant in SHARES_MASK or rnd == 0:
         return ticket
+    method, ablation = at_init_parts(variant)
+    if method:  # a mask found at W0; its shuffle redrawn from its own stream, as the random control's
+        masks = at_init_masks(cfg, state.at_init[method], trial, rnd, ticket)
+        if ablation != "shuffled":
+            return masks
+        trial_id = trial_ids(state)[trial]
+        return shuffle_masks(masks, make_generator(cfg.seed, trial_id, "shuffle", AT_INIT.index(method), rnd))
     if variant == "random":
         return random_masks(
             [int(m.sum()) for m in ticket], make_generator(cfg.seed, trial_ids(state)[trial], "random", rnd)
         )
     return oneshot_masks(cfg, [w[trial] for w in state.dense[: len(LAYERS)]], [w[trial] for w in state.w0], rnd)
+
+
+def at_init_masks(
+    cfg: Config, stored: Sequence[Tensor], trial: int, rnd: int, ticket: Sequence[Tensor]
+) -> list[Tensor]:
+    """A method's masks of round rnd from RunState.at_init's stored form: SynFlow's as stored;
+    SNIP's and GraSP's the ticket's count of lowest ranks (per layer under --scope layer)."""
+    if stored[0].dtype == torch.uint8:
+        return [unpack_bits(bits[trial, rnd], shape) for bits, shape in zip(stored, SHAPES)]
+    if cfg.scope == "layer":
+        return [r[trial] < int(m.sum()) for r, m in zip(stored, ticket)]
+    kept = sum(int(m.sum()) for m in ticket)
+    return [r[trial] < kept for r in stored]
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """The scores on one CPU thread: the same bits whatever the machine's thread count (a torchrun
+    rank or a laptop), and faster than two threads on these small tensors."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def find_at_init(cfg: Config, state: RunState, images: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """The masks found at W0 that round state.round needs (after the tickets' pruning, whose
+    counts they keep): SNIP's and GraSP's ranks once per trial, on its images (x, y); SynFlow's
+    mask of this round, its iterations run again for each round's count. Resuming a begun round
+    finds its masks already there."""
+    with one_thread():
+        for method in at_init_methods(cfg):
+            find_masks(cfg, state, method, images)
+
+
+def find_masks(cfg: Config, state: RunState, method: str, images: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """One method's part of find_at_init, into state.at_init[method]."""
+    rnd, per_layer = state.round, cfg.scope == "layer"
+    params = [[w[t] for w in state.w0] for t in range(len(trial_ids(state)))]
+    stored = state.at_init.get(method)
+    if method != "synflow":
+        if not stored:
+            ranks = [score_ranks(method, p, *xy, per_layer) for p, xy in zip(params, images)]
+            state.at_init[method] = [torch.stack(r) for r in zip(*ranks)]
+        return
+    if stored and stored[0].shape[1] > rnd:
+        return
+    masks = []
+    for t, p in enumerate(params):
+        ticket = member_masks(cfg, state, t, "ticket", rnd)
+        masks.append(ticket if rnd == 0 else synflow_masks(p, [int(m.sum()) for m in ticket], per_layer))
+    bits = [pack_bits(torch.stack(layer)).unsqueeze(1) for layer in zip(*masks)]
+    state.at_init[method] = [torch.cat([s, b], 1) for s, b in zip(stored, bits)] if stored else bits
 
 
 def member_start(
@@ -1363,12 +1586,13 @@ def member_start(
     rewind_point: Sequence[Tensor] = (),
 ) -> list[Tensor]:
     """A member's weights at the start of a round, always times the mask: tickets (iterative,
-    one-shot) and the random control rewind to W0, the late-rewound ticket to its rewind point
-    once it has one; the reinit control gets a fresh draw from the same init (from control_gen,
-    its own stream); the signs control such a draw's magnitudes with W0's signs, biases drawn as
-    the reinit's; the signed constant W0's signs times the init's sd in each layer, W0's biases."""
+    one-shot), the random control and the masks found at W0 (and their shuffles) rewind to W0,
+    the late-rewound ticket to its rewind point once it has one; the reinit control, and each
+    found mask's reinit, get a fresh draw from the same init (from control_gen, their own
+    stream); the signs control such a draw's magnitudes with W0's signs, biases drawn as the
+    reinit's; the signed constant W0's signs times the init's sd in each layer, W0's biases."""
     n = len(masks)
-    if variant in ("control", "signs"):
+    if variant in ("control", "signs") or at_init_parts(variant)[1] == "reinit":
         fresh = default_init(control_gen, init)
         if variant == "signs":
             fresh = [f.abs() * w.sign() for f, w in zip(fresh[:n], w0)] + fresh[n:]
@@ -1451,9 +1675,11 @@ def begin_round(
     stack: LeNetStack,
     control_gens: Sequence[torch.Generator],
     signs_gens: Sequence[torch.Generator] = (),
+    images: Sequence[tuple[Tensor, Tensor]] = (),
 ) -> None:
     """Prune each iterative ticket (its trained weights, still in the stack, scored against the
-    weights it rewinds to: W0, or the late-rewound ticket's rewind point), then load every
+    weights it rewinds to: W0, or the late-rewound ticket's rewind point), find the masks at W0
+    with the tickets' new counts (SNIP's and GraSP's on each trial's images), then load every
     member's starting weights on its mask."""
     cfg, rnd, names, n = plan.cfg, state.round, plan.names, len(trial_ids(state))
     trained = [w.detach().cpu() for w in stack._w + stack._b]
@@ -1466,12 +1692,16 @@ def begin_round(
             kept = prune(cfg, [w[m] for w in trained[: len(LAYERS)]], [w[t] for w in start], alive)
             for p, a, k in zip(state.pruned_at[variant], alive, kept):
                 p[t][a & ~k] = rnd
+    find_at_init(cfg, state, images)
     starts = []
     for t in range(n):
         w0 = [w[t] for w in state.w0]
         late = [w[t] for w in state.rewind_point]
         for v in names:
             gen = signs_gens[t] if v == "signs" else control_gens[t]
+            if at_init_parts(v)[1] == "reinit":  # a stream per method and round: the others' draws stay theirs
+                method = AT_INIT.index(at_init_parts(v)[0])
+                gen = make_generator(cfg.seed, trial_ids(state)[t], "fresh", method, rnd)
             starts.append(member_start(v, member_masks(cfg, state, t, v, rnd), w0, gen, cfg.init, late))
     stack.load(stack_members(starts, stack._w[0].device))
 
@@ -1604,6 +1834,7 @@ class Experiment:
         self.control_gens = generators(state.control_rng)
         self.signs_gens = generators(state.signs_rng)
         self.trainee = Trainee(net, opt, train, index, generators(state.data_rng))
+        self.index = index  # per trial, its training images (without --val-size's)
         self.evaluations: list[tuple[int, Tensor]] = []  # (iteration, [val loss, val acc, test loss, test acc])
 
     def snapshot(self) -> RunState:
@@ -1668,7 +1899,8 @@ class Experiment:
         """One round: prune and rewind (unless resuming inside it), train it, record its rows."""
         state, plan, opt = self.state, self.plan, self.trainee.opt
         if state.epoch == 1 and state.step == 0:
-            begin_round(plan, state, self.stack, self.control_gens, self.signs_gens)
+            images = [score_images(self.trainee.train, i) for i in self.index] if at_init_methods(plan.cfg) else []
+            begin_round(plan, state, self.stack, self.control_gens, self.signs_gens, images)
             opt.reset()
             if records_untrained(plan.cfg):  # each member's starting weights on its mask, before any step
                 state.untrained = evaluate(self.trainee.net, self.test)[1].cpu().tolist()
@@ -1882,6 +2114,7 @@ def gather_states(state: RunState, ranks: Ranks) -> RunState | None:
         w0=cat([p.w0 for p in parts]),
         rewind_point=cat([p.rewind_point for p in parts]),
         dense=cat([p.dense for p in parts]),
+        at_init={m: cat([p.at_init[m] for p in parts]) for m in parts[0].at_init},
         trials=[t for p in parts for t in p.trials],
         rows=ordered([p.rows for p in parts], "round", "trial"),  # stable: variants stay in their order
         curves=ordered([p.curves for p in parts], "round", "epoch", "trial"),
@@ -1939,11 +2172,12 @@ def save_torch(path: Path, obj: Any) -> None:
 def masks_payload(cfg: Config, state: RunState) -> dict[str, Tensor]:
     """Every finished round's masks as bool [trials, rounds, out, in] per layer: "fc1", "fc2",
     "fc3" for the ticket (and its reinit control); "<variant>.fc1" ... for each variant that has
-    masks of its own (random, oneshot, late_rewind)."""
+    masks of its own (random, oneshot, late_rewind, snip, grasp, synflow; not the found masks'
+    shuffles and reinits, redrawn from their streams and the found masks)."""
     past = torch.arange(state.round).view(1, -1, 1, 1)
     payload = {name: p.unsqueeze(1) > past for name, p in zip(LAYERS, state.pruned_at["ticket"])}
     for variant in variants(cfg):
-        if variant == "ticket" or variant in SHARES_MASK:
+        if variant == "ticket" or variant in SHARES_MASK or at_init_parts(variant)[1]:
             continue
         per_round = [
             [member_masks(cfg, state, t, variant, r) for r in range(state.round)] for t in range(len(trial_ids(state)))
@@ -1966,8 +2200,19 @@ def pack_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:
         if torch.equal(survived.unsqueeze(1) > torch.arange(rounds).view(1, -1, 1, 1), m):
             packed[name] = survived
         else:
-            packed[f"{name}.bits"] = torch.from_numpy(np.packbits(m.flatten(2).numpy(), axis=-1))
+            packed[f"{name}.bits"] = pack_bits(m)
     return packed
+
+
+def pack_bits(masks: Tensor) -> Tensor:
+    """Bool masks [..., out, in] as uint8 [..., ceil(out * in / 8)], 8 weights a byte."""
+    return torch.from_numpy(np.packbits(masks.flatten(-2).numpy(), axis=-1))
+
+
+def unpack_bits(bits: Tensor, shape: tuple[int, int]) -> Tensor:
+    """pack_bits' inverse, for masks of the given (out, in) shape."""
+    masks = np.unpackbits(bits.numpy(), axis=-1, count=shape[0] * shape[1]).astype(bool)
+    return torch.from_numpy(masks).view(*bits.shape[:-1], *shape)
 
 
 def unpack_masks(packed: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -1979,9 +2224,7 @@ def unpack_masks(packed: dict[str, Tensor]) -> dict[str, Tensor]:
     for key, t in packed.items():
         if key.endswith(".bits"):
             name = key.removesuffix(".bits")
-            out, inp = SHAPES[LAYERS.index(name.split(".")[-1])]
-            bits = np.unpackbits(t.numpy(), axis=-1, count=out * inp).astype(bool)
-            masks[name] = torch.from_numpy(bits).view(*t.shape[:2], out, inp)
+            masks[name] = unpack_bits(t, SHAPES[LAYERS.index(name.split(".")[-1])])
         elif key != "rounds":
             masks[key] = t.unsqueeze(1) > torch.arange(rounds).view(1, -1, 1, 1)
     return masks
@@ -2012,10 +2255,18 @@ def load_ticket(out: str | Path, round: int, trial: int = 0, variant: str = "tic
     Linear carries its mask through torch.nn.utils.prune (weight = weight_orig * weight_mask), so
     the ticket stays sparse under any optimiser; prune.remove(layer, "weight") makes it permanent.
     Inputs are flattened images normalised as the run's (lot_improved.normalise). variant:
-    ticket, random, oneshot or late_rewind, where the run trained it; round: any finished round."""
+    ticket, random, oneshot, late_rewind, snip, grasp or synflow, where the run trained it; round:
+    any finished round."""
     from torch.nn.utils import prune
 
     out = Path(out)
+    method, ablation = at_init_parts(variant)
+    if ablation:
+        raise ValueError(
+            f"masks of {variant} are not stored: they are {method}'s"
+            + (", shuffled from the run's seeded stream" if ablation == "shuffled" else ", with a fresh init")
+            + f" (load_ticket(..., variant={method!r}))"
+        )
     masks = load_masks(out)
     start = torch.load(out / "tickets.pt", weights_only=True)
     key = "" if variant == "ticket" else f"{variant}."
@@ -2132,6 +2383,8 @@ def summary_markdown(rows: pd.DataFrame) -> str:
         note += "."
     if "draw" in rows and rows["draw"].max() > 0:
         note += f" Control: the mean of {int(rows['draw'].max()) + 1} reinit draws within each trial."
+    if collapse_note(rows):
+        note += " " + collapse_note(rows)
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
@@ -2183,11 +2436,47 @@ def signs_markdown(rows: pd.DataFrame) -> str:
     """Zhou et al.'s comparisons per round, paired within each trial (a trial's reinit draws
     averaged first): the sign-keeping controls against the ticket and the plain reinit after
     training, then every member's accuracy before training (its starting weights on its mask)."""
+    present = set(rows.variant)
+    pairs = [(a, b) for a in ("signs", "constant") for b in ("ticket", "control") if {a, b} <= present]
+    return paired_markdown(rows, pairs, "(the signed constant's is Zhou et al.'s supermask)")
+
+
+def at_init_markdown(rows: pd.DataFrame) -> str:
+    """Frankle et al. (2021)'s comparisons per round, paired within each trial: each mask found at
+    initialisation against the ticket, the random control and its own shuffle; every member's
+    accuracy before training; and any member whose mask left a layer empty."""
+    present = set(rows.variant)
+    pairs = [(m, b) for m in AT_INIT for b in ("ticket", "random", f"{m}-shuffled") if {m, b} <= present]
+    table = paired_markdown(rows, pairs, "(the masks found at W0, on W0)")
+    return table + "\n" + (collapse_note(rows) or "No member's mask left a layer without weights.") + "\n"
+
+
+def collapse_note(rows: pd.DataFrame) -> str:
+    """One sentence naming each variant whose mask left a layer with no weights (which then passes
+    no signal: layer collapse), the layer, the first round and how many trials; '' if none."""
+    empty = rows[[f"{n}_pct" for n in LAYERS]].eq(0)
+    if not empty.any(axis=None):
+        return ""
+    hit = rows[empty.any(axis=1)].assign(
+        layer=[" and ".join(e.index[e]) for _, e in empty[empty.any(axis=1)].iterrows()]
+    )
+    groups = hit.groupby(["variant", "layer"], sort=False)
+    cases = [
+        f"{LABELS.get(v, v)} ({layer.replace('_pct', '')} from round {g['round'].min()}, {g.trial.nunique()} "
+        f"of {rows.trial.nunique()} trial(s))"
+        for (v, layer), g in groups
+    ]
+    return "Layer collapse (a layer left with no weights passes no signal): " + "; ".join(cases) + "."
+
+
+def paired_markdown(rows: pd.DataFrame, pairs: Sequence[tuple[str, str]], supermask: str) -> str:
+    """Per round: every variant's test accuracy and the differences a - b of the given pairs,
+    paired within each trial (a trial's reinit draws averaged first); then every member's
+    accuracy before training (its starting weights on its mask)."""
     acc = per_trial(rows, ["round", "trial", "variant"], ["weights_pct", "test_acc", "untrained_acc"])
     wide = acc.pivot_table(index=["round", "trial"], columns="variant", values=["test_acc", "untrained_acc"])
     trained, untrained = wide["test_acc"], wide["untrained_acc"]
     shown = [v for v in LABELS if v in trained.columns]
-    pairs = [(a, b) for a in ("signs", "constant") for b in ("ticket", "control") if {a, b} <= set(shown)]
     pct = acc[acc.variant == "ticket"].groupby("round").weights_pct.mean()
     header = [
         "Round",
@@ -2212,8 +2501,7 @@ def signs_markdown(rows: pd.DataFrame) -> str:
         + spread
         + ".\n\n"
         + "\n".join(lines)
-        + "\n\nTest accuracy (%) before training: each member's starting weights on its mask (the signed "
-        + "constant's is Zhou et al.'s supermask)"
+        + f"\n\nTest accuracy (%) before training: each member's starting weights on its mask {supermask}"
         + spread
         + ".\n\n"
         + "\n".join(before)
@@ -2250,9 +2538,11 @@ FIGURES = (
     ("signs.png", ("ticket", "control", "signs", "constant"), ("signs", "constant"), "what W0's signs carry"),
     ("oneshot.png", ("ticket", "oneshot", "control"), ("oneshot",), "iterative vs one-shot pruning"),
     ("rewind.png", ("ticket", "late_rewind", "control"), ("late_rewind",), "rewind to W0 vs late rewinding"),
+    ("at_init.png", ("ticket", "control", "random", *AT_INIT), AT_INIT, "masks found at initialisation vs the ticket"),
 )
 COLORS = dict(zip(LABELS, ("tab:blue", "tab:orange", "tab:green", "tab:brown", "tab:pink", "tab:red", "tab:purple")))
 COLORS["reinit"] = COLORS["control"]  # the transfer's fresh-init control
+COLORS.update(zip(AT_INIT_VARIANTS, ("tab:olive", "tab:cyan", "tab:gray") * len(AT_INIT_VARIANTS)))
 
 
 def plot_vs_weights(
@@ -2384,27 +2674,45 @@ def plot_over_iterations(evals: pd.DataFrame, rows: pd.DataFrame, path: Path) ->
 
 
 def plot_layers(rows: pd.DataFrame, path: Path) -> None:
+    """Weights remaining per layer against the round: the ticket's, and beside it each mask found at
+    initialisation (their shuffles and reinits share its per-layer counts). A layer at 0% has
+    collapsed: its line stops (a log axis has no 0) and the panel's title says so."""
+    from matplotlib.figure import Figure
+
+    shown = [v for v in ("ticket", *AT_INIT) if v in set(rows.variant)]
+    if shown == ["ticket"]:
+        fig, ax = new_axes()
+        layer_panel(ax, rows[rows.variant == "ticket"], "Global pruning strips fc1 first and spares the output layer")
+    else:
+        fig = Figure(figsize=(4.2 * len(shown), 4.2), dpi=150)
+        for ax, variant in zip(fig.subplots(1, len(shown), sharey=True), shown):
+            members = rows[rows.variant == variant]
+            empty = collapse_note(members)
+            layer_panel(ax, members, LABELS[variant] + (": a layer collapses" if empty else ""))
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp))
+
+
+def layer_panel(ax: Any, rows: pd.DataFrame, title: str) -> None:
+    """One variant's weights remaining per layer (and overall), mean ± sd over trials, per round."""
     import seaborn as sns
     from matplotlib.ticker import MaxNLocator
 
-    tickets = rows[rows.variant == "ticket"]
-    long = tickets.melt(
+    long = rows.melt(
         id_vars=["trial", "round"],
         value_vars=[f"{n}_pct" for n in LAYERS] + ["weights_pct"],
         var_name="layer",
         value_name="pct",
     )
     long["layer"] = long.layer.str.replace("_pct", "").replace({"weights": "overall"})
-    fig, ax = new_axes()
     sns.lineplot(data=long, x="round", y="pct", hue="layer", marker="o", errorbar="sd", ax=ax)
-    ax.set_yscale("log")
-    percent_log_axis(ax.yaxis, long.pct.min())
+    ax.set_yscale("log", nonpositive="mask")
+    percent_log_axis(ax.yaxis, long.pct[long.pct > 0].min())
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
     ax.set_xlabel("pruning round")
     ax.set_ylabel("weights remaining (%)")
-    ax.set_title("Global pruning strips fc1 first and spares the output layer", fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp))
+    ax.set_title(title, fontsize=10)
 
 
 PIXEL_ROUNDS = (0, 5, 10, 15, 20)
@@ -2501,6 +2809,8 @@ def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
         )
     if {"signs", "constant"} & present:
         write_text(out / "signs.md", signs_markdown(rows))
+    if set(AT_INIT) & present and "untrained_acc" in rows:
+        write_text(out / "at_init.md", at_init_markdown(rows))
     if "early_stop_iter" in rows:
         write_text(out / "early_stop.md", early_stop_markdown(rows))
         figures.append(out / "early_stop.png")
@@ -2541,6 +2851,7 @@ OUTPUT_FILES = (
     *(f[0] for f in FIGURES),
     "supermask.png",
     "signs.md",
+    "at_init.md",
     "pixels.png",
     "early_stop.png",
     "test_acc_over_iterations.png",
