@@ -182,6 +182,24 @@ def test_every_method_keeps_the_tickets_count_and_a_shuffle_its_methods_per_laye
     assert rows.untrained_acc.between(0, 100).all()
 
 
+def test_a_methods_reinit_starts_from_a_fresh_draw_and_its_untrained_acc_is_w0_on_its_mask(at_init_run, mnist):
+    rows = pd.read_csv(at_init_run / "results.csv").set_index(["trial", "round", "variant"])
+    test = mnist[1]
+    for trial in (0, 1):
+        assert rows.untrained_acc[trial, 0, "grasp"] == rows.untrained_acc[trial, 0, "ticket"]  # dense, on W0
+        assert rows.untrained_acc[trial, 0, "grasp-reinit"] != rows.untrained_acc[trial, 0, "ticket"]  # fresh
+        for variant in ("snip", "synflow"):
+            with torch.no_grad():
+                logits = lot.load_ticket(at_init_run, round=1, trial=trial, variant=variant)(test.x)
+            by_hand = 100.0 * (logits.argmax(1) == test.y).float().mean().item()
+            assert rows.untrained_acc[trial, 1, variant] == pytest.approx(by_hand, abs=0.011)
+    w0 = lot.default_init(torch.Generator().manual_seed(0))
+    masks = [torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) > 0.5 for w in w0[:3]]
+    start = lot.member_start("grasp-reinit", masks, w0, torch.Generator().manual_seed(7), lot.Config.init)
+    fresh = lot.default_init(torch.Generator().manual_seed(7))
+    assert all(torch.equal(s, f) for s, f in zip(start, lot.rewind(fresh, masks)))
+
+
 def test_a_shuffle_keeps_each_layers_count_moves_its_weights_and_is_redrawn_the_same():
     cfg = lot.parse_config(["--controls", "snip,snip-shuffled", "--trials", "2"])
     state = lot.fresh_state(cfg)
