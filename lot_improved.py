@@ -1554,6 +1554,8 @@ def find_at_init(cfg: Config, state: RunState, images: Sequence[tuple[Tensor, Te
     counts they keep): SNIP's and GraSP's ranks once per trial, on its images (x, y); SynFlow's
     mask of this round, its iterations run again for each round's count. Resuming a begun round
     finds its masks already there."""
+    if not at_init_methods(cfg):
+        return
     with one_thread():
         for method in at_init_methods(cfg):
             find_masks(cfg, state, method, images)
