@@ -307,7 +307,8 @@ def test_two_torchrun_processes_write_what_one_process_writes(at_init_run, tmp_p
     ],
 )
 def test_a_bad_method_list_is_one_line_naming_the_valid_names(controls, message, tmp_path, capsys):
-    line = refused(["--controls", controls, "--out", str(tmp_path / "o")], capsys, tmp_path / "o")
+    flags = [*RUN[:6], "--controls", controls, "--out", str(tmp_path / "o")]  # tiny, should the check fail
+    line = refused(flags, capsys, tmp_path / "o")
     assert message in line and "snip, grasp, synflow, snip-shuffled" in line and "synflow-reinit" in line
 
 
