@@ -124,7 +124,7 @@ class Config:
             "help": "comma list of controls beside each ticket: reinit (its mask, a fresh init), random (a random "
             "mask with its per-layer counts, trained from W0), signs (its mask, fresh magnitudes with W0's signs), "
             "constant (its mask, W0's signs times the init's per-layer sd); with signs or constant, results.csv "
-            "adds untrained_acc"
+            "adds untrained_acc (and untrained_val_acc with --val-size)"
         },
     )
     criterion: str = field(
@@ -473,30 +473,44 @@ def load_npz(path: Path) -> tuple[np.ndarray, ...]:
 def download_lock(root: Path) -> Iterator[None]:
     """Downloads into root one process at a time: torchrun's processes all load the data as they
     start, and two writing the same files would corrupt them. The first downloads; the others
-    then find the files. (No lock where the OS has no flock: Windows.)"""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".download.lock", "a") as f:
+    then find the files. No lock where root cannot be written (nothing can be downloaded there,
+    and the download's own error says so) or the OS has no flock (Windows)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".download.lock", "a")
+    except OSError:
+        yield
+        return
+    with lock:
         with contextlib.suppress(ImportError):
             import fcntl
 
-            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         yield
 
 
+def torchvision_arrays(dataset: Callable, root: Path) -> tuple[np.ndarray, ...]:
+    """A torchvision dataset's (x_train, y_train, x_test, y_test) under root: its files as they are
+    (a read-only folder is fine), else downloaded first, one process at a time."""
+    try:
+        parts = [dataset(str(root), train=train, download=False) for train in (True, False)]
+    except RuntimeError:  # "Dataset not found": only now is anything written
+        with download_lock(root):
+            parts = [dataset(str(root), train=train, download=True) for train in (True, False)]
+    return tuple(a for part in parts for a in (part.data.numpy(), part.targets.numpy()))
+
+
 def load_torchvision(root: Path) -> tuple[np.ndarray, ...]:
-    """The pasted-notebook path: torchvision downloads MNIST (or finds its raw files) under root."""
+    """The pasted-notebook path: torchvision finds MNIST's raw files under root, or downloads them."""
     try:
         from torchvision import datasets
 
-        with download_lock(root):
-            train = datasets.MNIST(str(root), train=True, download=True)
-            test = datasets.MNIST(str(root), train=False, download=True)
+        arrays = torchvision_arrays(datasets.MNIST, root)
     except Exception as e:
         raise UsageError(
             f"MNIST not found: no {NPZ_NAME} in {root} and torchvision could not download it "
             f"({type(e).__name__}: {one_line(e)[:160]}); copy {NPZ_NAME} into --data-dir or run with network access"
         ) from None
-    arrays = (train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy())
     check_mnist_arrays(arrays[0], arrays[1], f"{root} [torchvision train]")
     check_mnist_arrays(arrays[2], arrays[3], f"{root} [torchvision test]")
     return arrays
@@ -535,16 +549,13 @@ def load_transfer_arrays(cfg: Config) -> tuple[np.ndarray, ...]:
         from torchvision import datasets
 
         root = Path(cfg.data_dir) if Path(cfg.data_dir).suffix != ".npz" else Path(cfg.data_dir).parent
-        with download_lock(root):
-            train = datasets.FashionMNIST(str(root), train=True, download=True)
-            test = datasets.FashionMNIST(str(root), train=False, download=True)
+        arrays = torchvision_arrays(datasets.FashionMNIST, root)
     except Exception as e:
         raise UsageError(
             f"Fashion-MNIST not found: torchvision could not download it into {cfg.data_dir} ({type(e).__name__}: "
             f"{one_line(e)[:120]}); pass --transfer-data PATH to an npz with x_train, y_train, x_test, y_test "
             "or run with network access"
         ) from None
-    arrays = (train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy())
     check_mnist_arrays(arrays[0], arrays[1], "Fashion-MNIST [train]")
     check_mnist_arrays(arrays[2], arrays[3], "Fashion-MNIST [test]")
     return arrays
@@ -720,6 +731,7 @@ class LeNetStack(nn.Module):
         self.members, self.members_per_trial = members, members_per_trial
         self.weights = nn.ParameterList([nn.Parameter(torch.zeros(members, o, i, device=device)) for o, i in SHAPES])
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(members, o, device=device)) for o, _ in SHAPES])
+        self.graph_fallbacks: list[str] = []  # why this stack's CUDA graphs were given up, if they were (step_graph)
         self._pack()
 
     def _pack(self) -> None:
@@ -1035,35 +1047,115 @@ def cuda_graphs() -> bool:
     return os.environ.get("LOT_CUDA_GRAPHS", "1") != "0"
 
 
+def graphs_off(device: torch.device, data_parallel: bool) -> str | None:
+    """Why full-batch steps on device run eagerly, or None where each is one CUDA graph replay."""
+    if device.type != "cuda":
+        return "the CPU"
+    if not cuda_graphs():
+        return "LOT_CUDA_GRAPHS=0"
+    if data_parallel:  # replicas are made anew each step: nothing stays put to capture
+        return "--data-parallel"
+    return None
+
+
+def graphs_status(cfg: Config, device: torch.device, fallbacks: Sequence[str]) -> str:
+    """config.json's cuda_graphs for one process: "on", "off: <why>", or "fell back: <why>" if any
+    stack gave its graphs up (its numbers are then the eager engine's: still valid)."""
+    off = graphs_off(device, cfg.data_parallel)
+    if off:
+        return f"off: {off}"
+    return "fell back: " + "; ".join(fallbacks) if fallbacks else "on"
+
+
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """Makes device the current CUDA device, for what CUDA creates on "the current device"
     (streams, graphs and their memory pools): on cuda:1 they must live on cuda:1, not cuda:0."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+class GraphFallback(Exception):
+    """A CUDA graph that cannot be trusted: its capture raised, or a replay did not do an eager
+    step's work. Its stack trains eagerly instead: the same numbers, launched kernel by kernel."""
+
+
+# A replay runs the eager step's kernels on the same buffers: equal, or within rounding if the
+# capture picked other cuBLAS algorithms. A capture of nothing (or of half a step) misses by the
+# whole step, 100x more than this fraction of what the step changed.
+GRAPH_CHECK_RTOL = 1e-2
+
+
+def step_difference(after: Sequence[Tensor], expected: Sequence[Tensor], before: Sequence[Tensor]) -> float:
+    """How far one way of taking a step (after) lands from another (expected), as a fraction of
+    how far expected moved from before: 0 for the same bits, 1 for a step that did nothing."""
+    moved = max(float((e - b).abs().max()) for e, b in zip(expected, before) if e.numel())
+    missed = max(float((a - e).abs().max()) for a, e in zip(after, expected) if e.numel())
+    return missed / moved if moved > 0 else (0.0 if missed == 0 else math.inf)
+
+
 class StepGraph:
     """A full-batch optimiser step of a stack, and the running loss sum, captured as one CUDA graph
-    on the data's device. A GPU step of these small layers costs its kernel launches, not its
-    arithmetic; a replay launches them all at once. The replay runs the same kernels on the same
-    buffers, so the numbers keep their bits (the parameters, optimiser and masks are updated in place)."""
+    on the run's device. A GPU step of these small layers costs its kernel launches, not its
+    arithmetic; a replay launches them all at once, on the same buffers (the parameters, optimiser
+    and masks are updated in place).
+
+    A graph checks itself before it is used: from the same state, one replay must do what one
+    eager step does (parameters, optimiser buffers and loss sum). A capture that raises or a
+    replay that differs raises GraphFallback, with the stack's state as it was before the capture."""
 
     def __init__(self, stack: LeNetStack, opt: MaskedSGD, train: Split, shape: tuple[int, int], device: torch.device):
         self.idx = torch.zeros(shape, dtype=torch.long, device=train.x.device)
         self.total = torch.zeros(stack.members, device=train.x.device)
-        saved, steps = [t.clone() for t in opt.state()], opt.steps
-        params = opt.param.clone()
-        with on_device(device):
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up steps, as capture requires; undone below
-                for _ in range(2):
-                    self.total += train_step(stack, opt, train, self.idx).sum(1)
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=side):  # not torch's cached stream: that one may be another GPU's
+        saved = (opt.param.clone(), [t.clone() for t in opt.state()], opt.steps)
+        try:
+            with on_device(device):  # streams, graph and its memory pool on the run's GPU
+                self.capture(stack, opt, train, device)
+                self.check(stack, opt, train, saved)
+        except GraphFallback:
+            raise
+        except Exception as e:  # a driver or PyTorch that cannot capture this step
+            raise GraphFallback(f"capture failed ({type(e).__name__}: {one_line(e)[:160]})") from None
+        finally:  # the warm-up, capture and check steps leave no trace
+            self.restore(opt, saved)
+
+    def capture(self, stack: LeNetStack, opt: MaskedSGD, train: Split, device: torch.device) -> None:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up steps, as capture requires
+            for _ in range(2):
                 self.total += train_step(stack, opt, train, self.idx).sum(1)
-        opt.param.copy_(params)
-        opt.restore(saved, steps)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=side):  # not torch's cached stream: that one may be another GPU's
+            self.total += train_step(stack, opt, train, self.idx).sum(1)
+
+    def check(self, stack: LeNetStack, opt: MaskedSGD, train: Split, saved: tuple) -> None:
+        """One replay against one eager step on a real batch (the first images), from saved."""
+        self.idx.copy_(torch.arange(self.idx.shape[-1], device=self.idx.device).remainder(len(train.y)))
+        ends = []
+        for replay in (True, False):
+            self.restore(opt, saved)
+            if replay:
+                self.graph.replay()
+            else:
+                self.total += train_step(stack, opt, train, self.idx).sum(1)
+            ends.append([[t.clone() for t in part] for part in ([opt.param], opt.state(), [self.total])])
+        (p_graph, s_graph, t_graph), (p_eager, s_eager, t_eager) = ends
+        for what, graph, eager, before in (
+            ("weights", p_graph, p_eager, [saved[0]]),
+            ("optimiser state", s_graph, s_eager, saved[1]),
+            ("loss sum", t_graph, t_eager, [torch.zeros_like(self.total)]),
+        ):
+            off = step_difference(graph, eager, before)
+            if not off <= GRAPH_CHECK_RTOL:
+                raise GraphFallback(
+                    f"a replay's {what} differ from an eager step's by {off:.2g} of the step (a capture of "
+                    "nothing misses by 1)"
+                )
+
+    def restore(self, opt: MaskedSGD, saved: tuple) -> None:
+        opt.param.copy_(saved[0])
+        opt.restore(saved[1], saved[2])
+        self.total.zero_()
 
     def step(self, opt: MaskedSGD, idx: Tensor) -> None:
         self.idx.copy_(idx)
@@ -1072,14 +1164,20 @@ class StepGraph:
 
 
 def step_graph(net: nn.Module, opt: MaskedSGD, train: Split, shape: tuple[int, int]) -> StepGraph | None:
-    """The stack's graph for this optimiser, data and batch shape (captured once), where one
-    applies: CUDA and the stacked fast path (not nn.DataParallel)."""
+    """The stack's graph for this optimiser, data and batch shape (captured and checked once), where
+    one applies (graphs_off). A graph that fails its check is reported in one line, and its stack
+    trains eagerly from then on (stack.graph_fallbacks says why)."""
     stack = unwrap(net)
-    if not (cuda_graphs() and train.x.is_cuda and net is stack):
+    if graphs_off(train.x.device, net is not stack) or stack.graph_fallbacks:
         return None
     key = (id(opt), id(train), shape)
     if key not in stack._graphs:
-        graph = StepGraph(stack, opt, train, shape, train.x.device)
+        try:
+            graph = StepGraph(stack, opt, train, shape, train.x.device)
+        except GraphFallback as e:
+            warn(f"CUDA graphs off for this run's {stack.members}-member stack, eager steps from here on: {e}")
+            stack.graph_fallbacks.append(str(e))
+            return None
         stack._graphs[key] = (opt, train, graph)  # opt, train kept: ids stay theirs
     return stack._graphs[key][2]
 
@@ -1300,6 +1398,8 @@ class RunState:
     csr_rounds: list[int] = field(default_factory=list)  # rounds whose fc1 trained through CSR kernels (--sparse)
     signs_rng: list[Tensor] = field(default_factory=list)  # generator states of the signs control's magnitudes
     untrained: list[float] = field(default_factory=list)  # this round's untrained_acc per member (supermasks)
+    untrained_val: list[float] = field(default_factory=list)  # ... on the validation images (with --val-size)
+    graph_fallbacks: list[str] = field(default_factory=list)  # why CUDA graphs were given up, if they were
 
 
 class Paused(Exception):
@@ -1615,7 +1715,13 @@ class Experiment:
         state.opt_state, state.opt_steps = [b.cpu().clone() for b in opt.state()], opt.steps
         state.control_rng = [g.get_state() for g in self.control_gens]
         state.signs_rng = [g.get_state() for g in self.signs_gens]
+        self.note_fallbacks()
         return state
+
+    def note_fallbacks(self) -> None:
+        """The stack's given-up CUDA graphs, into the state (and so the checkpoint): once each."""
+        state = self.state
+        state.graph_fallbacks += [r for r in self.stack.graph_fallbacks if r not in state.graph_fallbacks]
 
     def on_event(self, event: str, iteration: int) -> None:
         if event == "rewind":  # the late-rewound tickets' weights at this point of round 0
@@ -1672,6 +1778,8 @@ class Experiment:
             opt.reset()
             if records_untrained(plan.cfg):  # each member's starting weights on its mask, before any step
                 state.untrained = evaluate(self.trainee.net, self.test)[1].cpu().tolist()
+                if plan.cfg.val_size:  # where a run can pick its best level without looking at the test set
+                    state.untrained_val = evaluate(self.trainee.net, self.val)[1].cpu().tolist()
         masks = [member_masks(plan.cfg, state, t, v, state.round) for t in range(len(self.trials)) for v in plan.names]
         stacked = stack_members(masks, self.stack.flat.device)
         train_on_masks(opt, stacked)
@@ -1710,6 +1818,7 @@ class Experiment:
             if self.stack.sparse:
                 self.stack.sparse.close()
                 self.stack.sparse = None
+            self.note_fallbacks()
         self.record(stats, masks)
 
     def record(self, stats: list[list[float]], masks: list[list[Tensor]]) -> None:
@@ -1718,6 +1827,8 @@ class Experiment:
         extra = [layer_percentages(m) for m in masks]
         if state.untrained:  # the starting weights on the mask, before training: Zhou et al.'s supermask accuracy
             extra = [{**e, "untrained_acc": round(u, 2)} for e, u in zip(extra, state.untrained)]
+        if state.untrained_val:
+            extra = [{**e, "untrained_val_acc": round(u, 2)} for e, u in zip(extra, state.untrained_val)]
         rows = member_records(self.plan.names, self.trials, stats, state.round, extra.__getitem__)
         stops = early_stops(state.evals, state.round)
         state.rows += [{**row, **stops.get(member_key(row), {})} for row in rows]
@@ -2135,12 +2246,18 @@ def summary_markdown(rows: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def interval_cell(values: Sequence[float], fmt: str) -> str:
-    """'mean [lo, hi]' (95% Student-t over trials), or the mean alone for one trial."""
+def interval_cell(values: Sequence[float], fmt: str, bounds: tuple[float, float] | None = None) -> str:
+    """'mean [lo, hi]' (95% Student-t over trials), or the mean alone for one trial; an interval of a
+    bounded quantity (an accuracy: 0 to 100) is clipped to its bounds."""
     if len(values) < 2:
         return format(float(np.mean(values)), fmt)
     mean, lo, hi = paired_t_interval(values)
+    if bounds:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
     return f"{mean:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+ACCURACY = (0.0, 100.0)
 
 
 def early_stop_markdown(rows: pd.DataFrame) -> str:
@@ -2183,7 +2300,8 @@ def signs_markdown(rows: pd.DataFrame) -> str:
     """Zhou et al.'s comparisons per round, paired within each trial (a trial's reinit draws
     averaged first): the sign-keeping controls against the ticket and the plain reinit after
     training, then every member's accuracy before training (its starting weights on its mask)."""
-    acc = per_trial(rows, ["round", "trial", "variant"], ["weights_pct", "test_acc", "untrained_acc"])
+    validated = ["untrained_val_acc"] if "untrained_val_acc" in rows else []
+    acc = per_trial(rows, ["round", "trial", "variant"], ["weights_pct", "test_acc", "untrained_acc", *validated])
     wide = acc.pivot_table(index=["round", "trial"], columns="variant", values=["test_acc", "untrained_acc"])
     trained, untrained = wide["test_acc"], wide["untrained_acc"]
     shown = [v for v in LABELS if v in trained.columns]
@@ -2204,7 +2322,7 @@ def signs_markdown(rows: pd.DataFrame) -> str:
         t, u = trained.xs(rnd, level="round"), untrained.xs(rnd, level="round")
         cells = [str(rnd), f"{pct[rnd]:.2f}%", *(f"{t[v].mean():.2f}" for v in shown)]
         lines.append("| " + " | ".join(cells + [interval_cell(t[a] - t[b], "+.2f") for a, b in pairs]) + " |")
-        before.append("| " + " | ".join(cells[:2] + [interval_cell(u[v], ".2f") for v in shown]) + " |")
+        before.append("| " + " | ".join(cells[:2] + [interval_cell(u[v], ".2f", ACCURACY) for v in shown]) + " |")
     trials = rows.trial.nunique()
     spread = f"; mean [95% confidence interval: Student-t, df = {trials - 1}]" if trials > 1 else ""
     return (
@@ -2215,10 +2333,33 @@ def signs_markdown(rows: pd.DataFrame) -> str:
         + "\n\nTest accuracy (%) before training: each member's starting weights on its mask (the signed "
         + "constant's is Zhou et al.'s supermask)"
         + spread
+        + (", clipped to [0, 100]" if trials > 1 else "")
         + ".\n\n"
         + "\n".join(before)
-        + "\n"
+        + "\n\n"
+        + best_untrained_markdown(acc, shown, pct)
     )
+
+
+def best_untrained_markdown(acc: pd.DataFrame, shown: Sequence[str], pct: pd.Series) -> str:
+    """Each member's best level before training and its test accuracy there. The level is picked on
+    the validation images where the run has them (untrained_val_acc); picked on the test set it is
+    the best of every round's test accuracy, biased upwards, and the line says so."""
+    on_val = "untrained_val_acc" in acc
+    pick = "untrained_val_acc" if on_val else "untrained_acc"
+    lines = []
+    for v in shown:
+        mine = acc[acc.variant == v]
+        rnd = int(mine.groupby("round")[pick].mean().idxmax())
+        at = mine[mine["round"] == rnd].sort_values("trial").untrained_acc.tolist()
+        lines.append(f"- {LABELS[v]}: {interval_cell(at, '.2f', ACCURACY)} at {pct[rnd]:.2f}% (round {rnd})")
+    how = (
+        "picked by the validation images' accuracy before training (untrained_val_acc), test accuracy there"
+        if on_val
+        else "picked by this same test accuracy: the best of every round, an optimistic figure (a run with "
+        "--val-size picks it on validation images)"
+    )
+    return f"Best level before training, {how}:\n\n" + "\n".join(lines) + "\n"
 
 
 PERCENT_TICKS = (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
@@ -2943,6 +3084,7 @@ class Session:
         self.job, self.started = job, started
         self.earlier_s = job.state.elapsed_s  # spent by the processes this one resumes
         self.merged: RunState | None = None  # every rank's finished rounds, on rank 0
+        self.graphs: list[str] | None = None  # every rank's cuda_graphs (graphs_status), on rank 0
         self.every_s = checkpoint_every_s()
         self.last_save = self.round_began = time.perf_counter()
 
@@ -2968,13 +3110,31 @@ class Session:
                 status=status,
                 data_sha256=job.data_sha,
                 world_size=job.ranks.world,
+                process_group=dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
                 fc1_engine="csr" if job.state.csr_rounds else "dense",  # what ran, not what was asked
                 fc1_csr_rounds=job.state.csr_rounds,
+                **self.graphs_record(),
                 **extra,
             )
 
+    def graphs_record(self) -> dict[str, Any]:
+        """cuda_graphs of the run: this process's, or under torchrun the ranks' common value, else
+        each rank that differs named (and cuda_graphs_by_rank, every rank's)."""
+        job = self.job
+        ranks = self.graphs or [graphs_status(job.cfg, job.device, job.state.graph_fallbacks)]
+        if self.graphs is None or not job.ranks.launched:  # before the first gather: this process's
+            return {"cuda_graphs": ranks[0]}
+        differ = "; ".join(f"rank {i}: {s.removeprefix('fell back: ')}" for i, s in enumerate(ranks) if s != "on")
+        return {
+            "cuda_graphs": ranks[0] if len(set(ranks)) == 1 else f"fell back: {differ}",
+            "cuda_graphs_by_rank": ranks,
+        }
+
     def tables(self, state: RunState) -> None:
         """A collective under torchrun: rank 0 gathers and writes."""
+        job = self.job
+        graphs = graphs_status(job.cfg, job.device, state.graph_fallbacks)
+        self.graphs = gather_objects(graphs, job.ranks) if job.ranks.launched else [graphs]
         self.merged = gather_states(state, self.job.ranks)
         if self.job.ranks.leader:
             write_tables(self.job.cfg, self.merged, self.job.out)
