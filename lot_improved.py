@@ -1265,8 +1265,9 @@ PATH_TRAIN = 10_000  # training images the path is also evaluated on: the first 
 STABLE_BELOW = 2.0  # percentage points of error barrier under which a pair is stable (Frankle et al. 2020)
 
 
-def path_alphas(points: int = PATH_POINTS) -> Tensor:
-    return torch.linspace(0.0, 1.0, points)
+def path_alphas(points: int | None = None) -> Tensor:
+    """Evenly spaced points of [0, 1], 0 and 1 included: PATH_POINTS of them unless told."""
+    return torch.linspace(0.0, 1.0, PATH_POINTS if points is None else points)
 
 
 def interpolate(start: Tensor, end: Tensor, alphas: Tensor) -> Tensor:
