@@ -26,7 +26,8 @@ Beside tickets and controls it trains, on request, random-mask controls, one-sho
 late-rewound tickets (--controls, --oneshot, --rewind-to), with early stopping on a validation
 split (--val-size), the paper's own protocol (--preset paper) and a Fashion-MNIST transfer
 (--transfer); and Zhou et al.'s (2019) sign-keeping controls, accuracy before training
-(supermasks) and mask criteria (--controls signs,constant, --criterion). Outputs land in --out
+(supermasks) and mask criteria (--controls signs,constant, --criterion); and Frankle et al.'s (2020)
+instability analysis, every member beside a twin on another data order (--stability). Outputs land in --out
 (default results/): results.csv, curves.csv, masks.pt, tickets.pt (load_ticket() turns any round
 into a plain nn.Sequential), figures, summary.md, config.json and checkpoint.pt (--resume
 continues from it). The README explains each one and
