@@ -26,7 +26,8 @@ Beside tickets and controls it trains, on request, random-mask controls, one-sho
 late-rewound tickets (--controls, --oneshot, --rewind-to), with early stopping on a validation
 split (--val-size), the paper's own protocol (--preset paper) and a Fashion-MNIST transfer
 (--transfer); and Zhou et al.'s (2019) sign-keeping controls, accuracy before training
-(supermasks) and mask criteria (--controls signs,constant, --criterion). Outputs land in --out
+(supermasks) and mask criteria (--controls signs,constant, --criterion); and Frankle et al.'s (2020)
+instability analysis, every member beside a twin on another data order (--stability). Outputs land in --out
 (default results/): results.csv, curves.csv, masks.pt, tickets.pt (load_ticket() turns any round
 into a plain nn.Sequential), figures, summary.md, config.json and checkpoint.pt (--resume
 continues from it). The README explains each one and
@@ -151,6 +152,14 @@ class Config:
         metadata={
             "help": "0it rewinds tickets to W0; e.g. 500it or 2ep adds a ticket rewound to that point of round-0 "
             "training (variant late_rewind)"
+        },
+    )
+    stability: bool = field(
+        default=False,
+        metadata={
+            "help": "instability analysis (Frankle et al. 2020): every member gets a twin with its mask, start and "
+            "optimiser on a data order of its own; after each round the error along the straight line between the "
+            "two (stability.csv, instability.png); twins double the members trained"
         },
     )
     val_size: int = field(
@@ -419,7 +428,9 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
 
 def derive_seed(seed: int, trial: int, stream: str, *more: int) -> int:
     """Independent 63-bit seeds per (trial, stream, ...), so streams never disturb each other."""
-    stream_id = {"init": 0, "control": 1, "data": 2, "random": 3, "split": 4, "transfer": 5, "signs": 6}[stream]
+    stream_id = {"init": 0, "control": 1, "data": 2, "random": 3, "split": 4, "transfer": 5, "signs": 6, "twin": 7}[
+        stream
+    ]
     return int(np.random.SeedSequence([seed, trial, stream_id, *more]).generate_state(1, np.uint64)[0]) >> 1
 
 
@@ -1347,6 +1358,41 @@ def evaluate(net: nn.Module, data: Split) -> tuple[Tensor, Tensor]:
     return loss / y.shape[1], 100.0 * correct / y.shape[1]
 
 
+PATH_POINTS = 30  # networks on the straight line between a member and its twin, both ends included
+PATH_NETWORKS = 64  # interpolated networks stacked at once: bounded memory whatever the members
+PATH_TRAIN = 10_000  # training images the path is also evaluated on: the first of each trial's training index
+STABLE_BELOW = 2.0  # percentage points of error barrier under which a pair is stable (Frankle et al. 2020)
+
+
+def path_alphas(points: int | None = None) -> Tensor:
+    """Evenly spaced points of [0, 1], 0 and 1 included: PATH_POINTS of them unless told."""
+    return torch.linspace(0.0, 1.0, PATH_POINTS if points is None else points)
+
+
+def interpolate(start: Tensor, end: Tensor, alphas: Tensor) -> Tensor:
+    """(1 - a) * start + a * end for each a: [len(alphas), *start.shape]. a = 0 gives start and a = 1
+    gives end exactly (0 * w adds a zero), so the path's ends are the two trained networks themselves."""
+    a = alphas.to(start).view(-1, *([1] * start.dim()))
+    return (1 - a) * start + a * end
+
+
+def instability(errors: Sequence[float]) -> float:
+    """The error barrier of a path: its highest error minus the mean of its two ends' errors."""
+    return max(errors) - (errors[0] + errors[-1]) / 2
+
+
+@torch.no_grad()
+def path_errors(starts: Sequence[Tensor], ends: Sequence[Tensor], alphas: Tensor, splits: Sequence[Split]) -> Tensor:
+    """Error (%) of every network on the straight lines between K members (starts, per parameter
+    [K, ...]) and K others (ends), at each alpha, on each split (x [N, 784]): [splits, K, alphas].
+    One stacked evaluation of K * alphas networks; masks need no care, a weight pruned at both ends
+    is 0 all along the line."""
+    k, n = starts[0].shape[0], len(alphas)
+    stack = LeNetStack(k * n, k * n, starts[0].device)
+    stack.load([interpolate(a, b, alphas).transpose(0, 1).reshape(k * n, *a.shape[1:]) for a, b in zip(starts, ends)])
+    return torch.stack([100.0 - evaluate(stack, split)[1] for split in splits]).view(len(splits), k, n)
+
+
 # ==================================================================================================
 # Experiment: iterative magnitude pruning, a ticket and a control per trial, all stacked
 # ==================================================================================================
@@ -1400,6 +1446,8 @@ class RunState:
     untrained: list[float] = field(default_factory=list)  # this round's untrained_acc per member (supermasks)
     untrained_val: list[float] = field(default_factory=list)  # ... on the validation images (with --val-size)
     graph_fallbacks: list[str] = field(default_factory=list)  # why CUDA graphs were given up, if they were
+    twin_rng: list[Tensor] = field(default_factory=list)  # --stability: the twins' data-order generator states
+    stability: list[dict] = field(default_factory=list)  # stability.csv
 
 
 class Paused(Exception):
@@ -1535,8 +1583,10 @@ def check_finite(
 ) -> None:
     for m, (train_loss, test_loss) in enumerate(zip(stats[0], stats[1])):
         if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+            group, position = divmod(m, len(names))  # --stability stacks the twins after every trial's members
+            who = f"{names[position]}{' twin' if group >= len(trials) else ''} of trial {trials[group % len(trials)]}"
             raise Diverged(
-                f"member {m} ({names[m % len(names)]} of trial {trials[m // len(names)]}) diverged in round {rnd}, "
+                f"member {m} ({who}) diverged in round {rnd}, "
                 f"epoch {epoch} (training loss {train_loss}) at --lr {lr}; try a smaller --lr"
             )
 
@@ -1554,7 +1604,7 @@ def begin_round(
 ) -> None:
     """Prune each iterative ticket (its trained weights, still in the stack, scored against the
     weights it rewinds to: W0, or the late-rewound ticket's rewind point), then load every
-    member's starting weights on its mask."""
+    member's starting weights on its mask (and its twin's, the same, with --stability)."""
     cfg, rnd, names, n = plan.cfg, state.round, plan.names, len(trial_ids(state))
     trained = [w.detach().cpu() for w in stack._w + stack._b]
     if rnd == 1 and "oneshot" in names:  # one-shot tickets prune the tickets' dense trained weights
@@ -1573,7 +1623,12 @@ def begin_round(
         for v in names:
             gen = signs_gens[t] if v == "signs" else control_gens[t]
             starts.append(member_start(v, member_masks(cfg, state, t, v, rnd), w0, gen, cfg.init, late))
-    stack.load(stack_members(starts, stack._w[0].device))
+    stack.load(stack_members(starts * copies(cfg), stack._w[0].device))
+
+
+def copies(cfg: Config) -> int:
+    """Networks trained per member: itself, and with --stability its twin, stacked after all members."""
+    return 2 if cfg.stability else 1
 
 
 def member_key(record: dict) -> tuple[int, str, int]:
@@ -1619,10 +1674,15 @@ class Trainee:
     train: Split
     index: Tensor | int  # [trials, n] indices into train, or n: all of it
     data_gens: list[torch.Generator]
+    twin_gens: list[torch.Generator] = field(default_factory=list)  # --stability: the twins' own orders
 
     def order(self) -> Tensor:
-        """The next epoch's batch order of every trial: [trials, n]."""
-        return epoch_order(self.index, self.data_gens, self.train.x.device)
+        """The next epoch's batch order of every order group: [trials, n], or with twins [2 * trials, n],
+        the twins' orders after the members'. A group's members share each batch (one gather)."""
+        order = epoch_order(self.index, self.data_gens, self.train.x.device)
+        if self.twin_gens:
+            order = torch.cat([order, epoch_order(self.index, self.twin_gens, self.train.x.device)])
+        return order
 
 
 def round_schedule(plan: Plan, epoch: int, rewind_step: int | None) -> list[tuple[int, str]]:
@@ -1680,15 +1740,19 @@ def train_round(
 
 class Experiment:
     """Iterative magnitude pruning of a RunState's trials, all members stacked: for each round,
-    prune and rewind, train the round, record."""
+    prune and rewind, train the round, record. With --stability the stack holds every member's
+    twin after all the members (member m's twin is m + primaries), in order groups of their own:
+    the batch index is [2 * trials, B], each trial's members on the first trials rows."""
 
     def __init__(self, plan: Plan, train: Split, test: Split, state: RunState):
         cfg, device = plan.cfg, train.x.device
         self.plan, self.test, self.state = plan, test, state
         self.trials = trial_ids(state)
         index, val_index = validation_split(cfg.seed, self.trials, len(train.y), cfg.val_size)
-        self.val = Split(train.x[val_index.to(device)], train.y[val_index.to(device)])  # [trials, val_size, ...]
-        net: nn.Module = LeNetStack(len(self.trials) * len(plan.names), len(plan.names), device)
+        val_index = val_index.repeat(copies(cfg), 1)  # one per order group: the twins validate on their trial's
+        self.val = Split(train.x[val_index.to(device)], train.y[val_index.to(device)])  # [groups, val_size, ...]
+        self.primaries = len(self.trials) * len(plan.names)  # the members; their twins follow
+        net: nn.Module = LeNetStack(self.primaries * copies(cfg), len(plan.names), device)
         if cfg.data_parallel:
             if device.type == "cuda":  # every visible GPU, the run's own first (it gathers the gradients)
                 first = torch.cuda.current_device() if device.index is None else device.index
@@ -1703,7 +1767,7 @@ class Experiment:
             opt.restore(state.opt_state, state.opt_steps)
         self.control_gens = generators(state.control_rng)
         self.signs_gens = generators(state.signs_rng)
-        self.trainee = Trainee(net, opt, train, index, generators(state.data_rng))
+        self.trainee = Trainee(net, opt, train, index, generators(state.data_rng), generators(state.twin_rng))
         self.evaluations: list[tuple[int, Tensor]] = []  # (iteration, [val loss, val acc, test loss, test acc])
 
     def snapshot(self) -> RunState:
@@ -1745,14 +1809,14 @@ class Experiment:
                     "test_loss": round(v[2][m], 6),
                     "test_acc": round(v[3][m], 2),
                 }
-                for m in range(len(v[0]))
+                for m in range(self.primaries)
             ]
         self.evaluations.clear()
         return records
 
     def epoch_stats(self, epoch: int, loss_sum: Tensor) -> list[list[float]]:
-        """[train loss, test loss, test acc] per member after an epoch; an epoch that ended on an
-        evaluation takes its test numbers from it (the same weights)."""
+        """[train loss, test loss, test acc] per member after an epoch (twins checked, not returned);
+        an epoch that ended on an evaluation takes its test numbers from it (the same weights)."""
         plan = self.plan
         samples = min(plan.steps_in(epoch) * plan.cfg.batch_size, plan.n_train)
         if self.evaluations and self.evaluations[-1][0] == (epoch - 1) * plan.epoch_steps + plan.steps_in(epoch):
@@ -1761,7 +1825,7 @@ class Experiment:
             test_loss, test_acc = evaluate(self.trainee.net, self.test)
         stats = torch.stack([loss_sum / samples, test_loss, test_acc]).cpu().tolist()  # one sync per epoch
         check_finite(plan.names, self.trials, stats, self.state.round, epoch, plan.cfg.lr)
-        return stats
+        return [s[: self.primaries] for s in stats]
 
     def schedule(self, epoch: int) -> list[tuple[int, str]]:
         state = self.state
@@ -1777,11 +1841,14 @@ class Experiment:
             begin_round(plan, state, self.stack, self.control_gens, self.signs_gens)
             opt.reset()
             if records_untrained(plan.cfg):  # each member's starting weights on its mask, before any step
-                state.untrained = evaluate(self.trainee.net, self.test)[1].cpu().tolist()
+                state.untrained = evaluate(self.trainee.net, self.test)[1].cpu().tolist()[: self.primaries]
                 if plan.cfg.val_size:  # where a run can pick its best level without looking at the test set
-                    state.untrained_val = evaluate(self.trainee.net, self.val)[1].cpu().tolist()
+                    state.untrained_val = evaluate(self.trainee.net, self.val)[1].cpu().tolist()[: self.primaries]
+            if plan.cfg.stability:  # the twins' data orders: a stream of their own per (trial, round)
+                self.trainee.twin_gens = [make_generator(plan.cfg.seed, t, "twin", state.round) for t in self.trials]
+                state.twin_rng = [g.get_state() for g in self.trainee.twin_gens]
         masks = [member_masks(plan.cfg, state, t, v, state.round) for t in range(len(self.trials)) for v in plan.names]
-        stacked = stack_members(masks, self.stack.flat.device)
+        stacked = stack_members(masks * copies(plan.cfg), self.stack.flat.device)
         train_on_masks(opt, stacked)
         self.stack.sparse = sparse_fc1(
             self.stack, opt, stacked, sparse_engine(plan.cfg) and self.trainee.net is self.stack
@@ -1805,6 +1872,7 @@ class Experiment:
                 )
                 state.evals += self.eval_records()
                 state.data_rng = [g.get_state() for g in self.trainee.data_gens]
+                state.twin_rng = [g.get_state() for g in self.trainee.twin_gens]
                 state.step, state.loss_sum = 0, None
                 if at.epoch < plan.epochs:
                     state.epoch = at.epoch + 1
@@ -1819,10 +1887,38 @@ class Experiment:
                 self.stack.sparse.close()
                 self.stack.sparse = None
             self.note_fallbacks()
-        self.record(stats, masks)
+        self.record(stats, masks, self.paths() if plan.cfg.stability else [])
 
-    def record(self, stats: list[list[float]], masks: list[list[Tensor]]) -> None:
-        """The finished round's results.csv rows, with each member's early-stopping point."""
+    def paths(self) -> list[dict]:
+        """After a round with --stability: the straight line from every member to its twin, on the test
+        set and on its trial's first PATH_TRAIN training images, as stability.csv rows; returns each
+        member's instability (test and train, in points), in member order."""
+        state, names, alphas = self.state, self.plan.names, path_alphas()
+        params = [p.detach() for p in (*self.stack._w, *self.stack._b)]
+        train, per_chunk = self.trainee.train, max(1, PATH_NETWORKS // len(alphas))
+        barriers = []
+        for t in range(len(self.trials)):
+            rows = self.trainee.index[t, :PATH_TRAIN].to(train.x.device)
+            probe = Split(train.x[rows], train.y[rows])
+            for a in range(t * len(names), (t + 1) * len(names), per_chunk):
+                b = min(a + per_chunk, (t + 1) * len(names))
+                twins = [p[a + self.primaries : b + self.primaries] for p in params]
+                errors = path_errors([p[a:b] for p in params], twins, alphas, [self.test, probe]).cpu().tolist()
+                for m in range(a, b):
+                    ids, found = member_ids(names, self.trials, m, state.round), {}
+                    for split, key, curve in zip(("test", "train"), ("instability", "instability_train"), errors):
+                        line = [round(e, 4) for e in curve[m - a]]  # the barrier is computed from what is written
+                        state.stability += [
+                            {**ids, "split": split, "alpha": round(alpha, 6), "error": e}
+                            for alpha, e in zip(alphas.tolist(), line)
+                        ]
+                        found[key] = round(instability(line), 4)
+                    barriers.append(found)
+        return barriers
+
+    def record(self, stats: list[list[float]], masks: list[list[Tensor]], barriers: Sequence[dict] = ()) -> None:
+        """The finished round's results.csv rows, with each member's early-stopping point (and its
+        instability, with --stability)."""
         state = self.state
         extra = [layer_percentages(m) for m in masks]
         if state.untrained:  # the starting weights on the mask, before training: Zhou et al.'s supermask accuracy
@@ -1830,6 +1926,7 @@ class Experiment:
         if state.untrained_val:
             extra = [{**e, "untrained_val_acc": round(u, 2)} for e, u in zip(extra, state.untrained_val)]
         rows = member_records(self.plan.names, self.trials, stats, state.round, extra.__getitem__)
+        rows = [{**row, **barrier} for row, barrier in zip(rows, barriers)] if barriers else rows
         stops = early_stops(state.evals, state.round)
         state.rows += [{**row, **stops.get(member_key(row), {})} for row in rows]
 
@@ -1947,6 +2044,7 @@ def outputs_view(state: RunState) -> RunState:
         control_rng=[],
         signs_rng=[],
         data_rng=[],
+        twin_rng=[],
         params=[],
         opt_state=[],
         loss_sum=None,
@@ -1997,6 +2095,7 @@ def gather_states(state: RunState, ranks: Ranks) -> RunState | None:
         rows=ordered([p.rows for p in parts], "round", "trial"),  # stable: variants stay in their order
         curves=ordered([p.curves for p in parts], "round", "epoch", "trial"),
         evals=ordered([p.evals for p in parts], "round", "iteration", "trial"),
+        stability=ordered([p.stability for p in parts], "round", "trial"),  # stable: variant, split, alpha stay
     )
 
 
@@ -2037,6 +2136,8 @@ def write_tables(cfg: Config, state: RunState, out: Path) -> None:
     save_torch(out / "tickets.pt", tickets_payload(state))
     if state.evals:
         atomic_write(out / "validation.csv", lambda tmp: pd.DataFrame(state.evals).to_csv(tmp, index=False))
+    if state.stability:
+        atomic_write(out / "stability.csv", lambda tmp: pd.DataFrame(state.stability).to_csv(tmp, index=False))
 
 
 def save_torch(path: Path, obj: Any) -> None:
@@ -2362,6 +2463,32 @@ def best_untrained_markdown(acc: pd.DataFrame, shown: Sequence[str], pct: pd.Ser
     return f"Best level before training, {how}:\n\n" + "\n".join(lines) + "\n"
 
 
+def instability_markdown(rows: pd.DataFrame) -> str:
+    """Per round and variant, the instability of the path between each member and its twin, on
+    the test set and on the training images (a trial's reinit draws averaged first)."""
+    values = per_trial(rows, ["round", "trial", "variant"], ["weights_pct", "instability", "instability_train"])
+    wide = values.pivot_table(index=["round", "trial"], columns="variant", values=["instability", "instability_train"])
+    shown = [v for v in LABELS if v in wide["instability"].columns]
+    pct = values[values.variant == "ticket"].groupby("round").weights_pct.mean()
+    trials = rows.trial.nunique()
+    header = ["Round", "Weights Remaining", *(f"{LABELS[v]} {split}" for v in shown for split in ("test", "train"))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    for rnd in sorted(pct.index):
+        cells = [str(rnd), f"{pct[rnd]:.2f}%"]
+        for v in shown:
+            for column in ("instability", "instability_train"):
+                d = wide[column][v].xs(rnd, level="round")
+                cells.append(f"{d.mean():.2f}" + (f" ± {d.std():.2f}" if trials > 1 else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    spread = f"; mean ± sd over {trials} trials" if trials > 1 else ""
+    return (
+        "Instability (Frankle et al. 2020): the highest error on the straight line between a member and its twin "
+        "(same mask, start and optimiser, another data order), minus the mean of the two ends' errors, in "
+        f"percentage points, on the test set and on {PATH_TRAIN:,} training images{spread}. Stable: under "
+        f"{STABLE_BELOW:g} points.\n\n" + "\n".join(lines) + "\n"
+    )
+
+
 PERCENT_TICKS = (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
 
 
@@ -2524,6 +2651,42 @@ def plot_over_iterations(evals: pd.DataFrame, rows: pd.DataFrame, path: Path) ->
     atomic_write(path, lambda tmp: fig.savefig(tmp))
 
 
+INTERPOLATION_LEVELS = (100.0, 13.0, 3.5, 1.15)  # weights remaining (%) drawn in interpolation.png
+
+
+def plot_interpolation(paths: pd.DataFrame, rows: pd.DataFrame, path: Path) -> None:
+    """Test error along the straight line from member (a = 0) to twin (a = 1), ticket against
+    control, at the rounds nearest a few levels of weights remaining; mean ± sd over trials (a
+    trial's reinit draws averaged first)."""
+    from matplotlib.figure import Figure
+
+    rounds = nearest_rounds(rows, INTERPOLATION_LEVELS)
+    pct = rows[rows.variant == "ticket"].groupby("round").weights_pct.mean()
+    test = paths[(paths.split == "test") & paths["round"].isin(rounds)]
+    curves = per_trial(test, ["variant", "round", "trial", "alpha"], ["error"])
+    shown = [v for v in ("ticket", "control") if v in set(curves.variant)]
+    fig = Figure(figsize=(3.2 * len(rounds) + 0.8, 3.8), dpi=150)
+    axes = fig.subplots(1, len(rounds), sharey=True, squeeze=False)[0]
+    for ax, rnd in zip(axes, rounds):
+        for variant in shown:
+            g = curves[(curves.variant == variant) & (curves["round"] == rnd)].groupby("alpha").error
+            mean, sd = g.mean(), g.std()
+            ax.plot(mean.index, mean.values, marker=".", ms=3, lw=1, color=COLORS[variant], label=LABELS[variant])
+            if rows.trial.nunique() > 1:
+                ax.fill_between(mean.index, mean - sd, mean + sd, color=COLORS[variant], alpha=0.2, lw=0)
+        ax.set_title(f"{pct[rnd]:.2f}% of weights (round {rnd})", fontsize=9)
+        ax.set_xlabel("a: member (0) to twin (1)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("test error (%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"Linear interpolation between two copies trained on different data orders, {rows.trial.nunique()} trial(s)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp))
+
+
 def plot_layers(rows: pd.DataFrame, path: Path) -> None:
     import seaborn as sns
     from matplotlib.ticker import MaxNLocator
@@ -2620,6 +2783,8 @@ def write_config(cfg: Config, device: torch.device, out: Path, **extra: Any) -> 
 def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
     """summary.md and the figures, from the rows of every finished round."""
     summary = summary_markdown(rows)
+    if "instability" in rows:
+        summary += "\n" + instability_markdown(rows)
     write_text(out / "summary.md", summary)
     present, figures = set(rows.variant), []
     for name, shown, needs, title in FIGURES:
@@ -2649,12 +2814,31 @@ def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
     if (out / "validation.csv").exists():
         figures.append(out / "test_acc_over_iterations.png")
         plot_over_iterations(pd.read_csv(out / "validation.csv"), rows, figures[-1])
+    if "instability" in rows:
+        figures += stability_figures(rows, out)
     figures.append(out / "layers.png")
     plot_layers(rows, figures[-1])
     if (out / "masks.pt").exists():
         figures.append(out / "pixels.png")
         plot_pixels(load_masks(out), figures[-1])
     return summary, figures
+
+
+def stability_figures(rows: pd.DataFrame, out: Path) -> list[Path]:
+    """--stability: instability.png from the rows, interpolation.png from stability.csv."""
+    plot_vs_weights(
+        rows,
+        out / "instability.png",
+        "instability",
+        list(LABELS),
+        "instability: test error barrier (points)",
+        "Is the network stable to SGD noise? (Frankle et al. 2020)",
+        reference=(STABLE_BELOW, f"stable: under {STABLE_BELOW:g} points"),
+    )
+    if not (out / "stability.csv").exists():
+        return [out / "instability.png"]
+    plot_interpolation(pd.read_csv(out / "stability.csv"), rows, out / "interpolation.png")
+    return [out / "instability.png", out / "interpolation.png"]
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -2691,6 +2875,9 @@ OUTPUT_FILES = (
     "config.json",
     "transfer.csv",
     "transfer.png",
+    "stability.csv",
+    "instability.png",
+    "interpolation.png",
     CHECKPOINT,
 )
 
@@ -2749,7 +2936,7 @@ def load_checkpoint(out: Path, name: str = CHECKPOINT) -> tuple[RunState, dict]:
         saved_cfg = Config(
             **{k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
         )
-        members = trials * len(variants(saved_cfg))
+        members = trials * len(variants(saved_cfg)) * copies(saved_cfg)
         layer_shapes = [(trials, o, i) for o, i in SHAPES]
         shapes_ok = (
             payload["format"] == 2
@@ -3159,6 +3346,7 @@ def announce(job: Job) -> None:
     length = f"{cfg.iterations} iterations" if cfg.iterations else f"{cfg.epochs} epochs"
     print(
         f"lot_improved: {cfg.trials} trial(s) x {len(variants(cfg))} variants"
+        + (" x 2 (each with its twin: --stability)" if cfg.stability else "")
         + (f" on {ranks.world} processes" if ranks.world > 1 else "")
         + f", {cfg.rounds + 1} rounds x {length} on {len(job.train.y) - cfg.val_size} images, device {job.device}, "
         f"writing to {job.out}/"
