@@ -12,7 +12,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, SCRIPT, TINY, lot
+from conftest import ROOT, SCRIPT, lot
 
 RUN = ["--train-subset", "600", "--rounds", "1", "--epochs", "1", "--stability"]
 FILES = ("results.csv", "curves.csv", "masks.pt", "stability.csv")
@@ -101,7 +101,8 @@ def test_twins_start_where_their_members_start_and_draw_other_batches(mnist):
 
 
 def test_a_members_numbers_are_the_same_with_and_without_twins(tmp_path, few_points):
-    run = [*TINY, "--trials", "2", "--controls", "reinit,random", "--reinit-draws", "2"]
+    run = ["--train-subset", "300", "--rounds", "2", "--epochs", "1", "--trials", "2"]
+    run += ["--controls", "reinit,random", "--reinit-draws", "2"]
     assert lot.main([*run, "--out", str(tmp_path / "alone")]) == 0
     assert lot.main([*run, "--stability", "--out", str(tmp_path / "twins")]) == 0
     alone, twins = pd.read_csv(tmp_path / "alone" / "results.csv"), pd.read_csv(tmp_path / "twins" / "results.csv")
@@ -128,7 +129,17 @@ class PauseAfter:
 
 
 def test_paused_mid_round_and_resumed_twice_a_run_with_twins_ends_byte_identical(tmp_path, monkeypatch, few_points):
-    run = [*TINY, "--trials", "2", "--stability"]  # 10 steps an epoch, 20 a round
+    run = [
+        "--train-subset",
+        "600",
+        "--rounds",
+        "1",
+        "--epochs",
+        "2",
+        "--trials",
+        "2",
+        "--stability",
+    ]  # 10 steps an epoch
     assert lot.main([*run, "--out", str(tmp_path / "ref")]) == 0
     out, resume = tmp_path / "out", []
     for steps, position in ((25, (1, 1, 5)), (12, (1, 2, 7))):  # round 1 epoch 1 step 5, then epoch 2 step 7
@@ -159,18 +170,18 @@ def test_a_resume_that_adds_or_drops_stability_is_refused_and_names_it(
 
 
 def test_the_sparse_engine_trains_twins_to_the_dense_engines_numbers(tmp_path, few_points):
-    run = ["--train-subset", "600", "--rounds", "9", "--epochs", "1", "--stability"]  # rounds 8, 9 are sparse
-    assert lot.main([*run, "--sparse", "--out", str(tmp_path / "csr")]) == 0
+    run = ["--train-subset", "300", "--rounds", "3", "--prune-rate", "0.5", "--epochs", "1", "--stability"]
+    assert lot.main([*run, "--sparse", "--out", str(tmp_path / "csr")]) == 0  # round 3: 12.5% left, sparse
     assert lot.main([*run, "--no-sparse", "--out", str(tmp_path / "dense")]) == 0
-    assert json.loads((tmp_path / "csr" / "config.json").read_text())["fc1_csr_rounds"] == [8, 9]
+    assert json.loads((tmp_path / "csr" / "config.json").read_text())["fc1_csr_rounds"] == [3]
     csr, dense = (pd.read_csv(tmp_path / d / "stability.csv") for d in ("csr", "dense"))
-    assert len(csr) == len(dense) == 10 * 2 * 2 * 3
+    assert len(csr) == len(dense) == 4 * 2 * 2 * 3
     # Float rounding apart, the same training: a few test images of 10,000 may flip, not more.
     assert (csr.error - dense.error).abs().max() < 0.5
 
 
 def test_torchrun_with_twins_writes_what_one_process_writes(tmp_path):
-    run = ["--train-subset", "300", "--rounds", "1", "--epochs", "1", "--trials", "2", "--stability"]
+    run = ["--train-subset", "120", "--rounds", "1", "--epochs", "1", "--trials", "2", "--stability"]
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     one = subprocess.run(
         [sys.executable, str(SCRIPT), *run, "--out", str(tmp_path / "one")], cwd=ROOT, env=env, capture_output=True
