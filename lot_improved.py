@@ -26,9 +26,10 @@ Beside tickets and controls it trains, on request, random-mask controls, one-sho
 late-rewound tickets (--controls, --oneshot, --rewind-to), with early stopping on a validation
 split (--val-size), the paper's own protocol (--preset paper) and a Fashion-MNIST transfer
 (--transfer); and Zhou et al.'s (2019) sign-keeping controls, accuracy before training
-(supermasks) and mask criteria (--controls signs,constant, --criterion); and masks found at
-initialisation, SNIP, GraSP and SynFlow, with Frankle et al.'s (2021) shuffle and reinit ablations
-(--controls snip,grasp,synflow,snip-shuffled,...,snip-reinit,...). Outputs land in --out
+(supermasks) and mask criteria (--controls signs,constant, --criterion); Frankle et al.'s (2020)
+instability analysis, every member beside a twin on another data order (--stability); and masks
+found at initialisation, SNIP, GraSP and SynFlow, with Frankle et al.'s (2021) shuffle and reinit
+ablations (--controls snip,grasp,synflow,snip-shuffled,...,snip-reinit,...). Outputs land in --out
 (default results/): results.csv, curves.csv, masks.pt, tickets.pt (load_ticket() turns any round
 into a plain nn.Sequential), figures, summary.md, config.json and checkpoint.pt (--resume
 continues from it). The README explains each one and
@@ -128,7 +129,7 @@ class Config:
             "constant (its mask, W0's signs times the init's per-layer sd); snip, grasp, synflow (a mask found at "
             "W0 before any training, with the ticket's count of weights, trained from W0); snip-shuffled, ... (that "
             "mask shuffled within each layer), snip-reinit, ... (that mask, a fresh init); with signs, constant or "
-            "the pruning-at-init controls, results.csv adds untrained_acc"
+            "the pruning-at-init controls, results.csv adds untrained_acc (and untrained_val_acc with --val-size)"
         },
     )
     criterion: str = field(
@@ -155,6 +156,14 @@ class Config:
         metadata={
             "help": "0it rewinds tickets to W0; e.g. 500it or 2ep adds a ticket rewound to that point of round-0 "
             "training (variant late_rewind)"
+        },
+    )
+    stability: bool = field(
+        default=False,
+        metadata={
+            "help": "instability analysis (Frankle et al. 2020): every member gets a twin with its mask, start and "
+            "optimiser on a data order of its own; after each round the error along the straight line between the "
+            "two (stability.csv, instability.png); twins double the members trained"
         },
     )
     val_size: int = field(
@@ -445,7 +454,7 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
 
 def derive_seed(seed: int, trial: int, stream: str, *more: int) -> int:
     """Independent 63-bit seeds per (trial, stream, ...), so streams never disturb each other."""
-    streams = ("init", "control", "data", "random", "split", "transfer", "signs", "shuffle", "fresh")
+    streams = ("init", "control", "data", "random", "split", "transfer", "signs", "twin", "shuffle", "fresh")
     stream_id = streams.index(stream)
     return int(np.random.SeedSequence([seed, trial, stream_id, *more]).generate_state(1, np.uint64)[0]) >> 1
 
@@ -500,30 +509,44 @@ def load_npz(path: Path) -> tuple[np.ndarray, ...]:
 def download_lock(root: Path) -> Iterator[None]:
     """Downloads into root one process at a time: torchrun's processes all load the data as they
     start, and two writing the same files would corrupt them. The first downloads; the others
-    then find the files. (No lock where the OS has no flock: Windows.)"""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".download.lock", "a") as f:
+    then find the files. No lock where root cannot be written (nothing can be downloaded there,
+    and the download's own error says so) or the OS has no flock (Windows)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".download.lock", "a")
+    except OSError:
+        yield
+        return
+    with lock:
         with contextlib.suppress(ImportError):
             import fcntl
 
-            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         yield
 
 
+def torchvision_arrays(dataset: Callable, root: Path) -> tuple[np.ndarray, ...]:
+    """A torchvision dataset's (x_train, y_train, x_test, y_test) under root: its files as they are
+    (a read-only folder is fine), else downloaded first, one process at a time."""
+    try:
+        parts = [dataset(str(root), train=train, download=False) for train in (True, False)]
+    except RuntimeError:  # "Dataset not found": only now is anything written
+        with download_lock(root):
+            parts = [dataset(str(root), train=train, download=True) for train in (True, False)]
+    return tuple(a for part in parts for a in (part.data.numpy(), part.targets.numpy()))
+
+
 def load_torchvision(root: Path) -> tuple[np.ndarray, ...]:
-    """The pasted-notebook path: torchvision downloads MNIST (or finds its raw files) under root."""
+    """The pasted-notebook path: torchvision finds MNIST's raw files under root, or downloads them."""
     try:
         from torchvision import datasets
 
-        with download_lock(root):
-            train = datasets.MNIST(str(root), train=True, download=True)
-            test = datasets.MNIST(str(root), train=False, download=True)
+        arrays = torchvision_arrays(datasets.MNIST, root)
     except Exception as e:
         raise UsageError(
             f"MNIST not found: no {NPZ_NAME} in {root} and torchvision could not download it "
             f"({type(e).__name__}: {one_line(e)[:160]}); copy {NPZ_NAME} into --data-dir or run with network access"
         ) from None
-    arrays = (train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy())
     check_mnist_arrays(arrays[0], arrays[1], f"{root} [torchvision train]")
     check_mnist_arrays(arrays[2], arrays[3], f"{root} [torchvision test]")
     return arrays
@@ -562,16 +585,13 @@ def load_transfer_arrays(cfg: Config) -> tuple[np.ndarray, ...]:
         from torchvision import datasets
 
         root = Path(cfg.data_dir) if Path(cfg.data_dir).suffix != ".npz" else Path(cfg.data_dir).parent
-        with download_lock(root):
-            train = datasets.FashionMNIST(str(root), train=True, download=True)
-            test = datasets.FashionMNIST(str(root), train=False, download=True)
+        arrays = torchvision_arrays(datasets.FashionMNIST, root)
     except Exception as e:
         raise UsageError(
             f"Fashion-MNIST not found: torchvision could not download it into {cfg.data_dir} ({type(e).__name__}: "
             f"{one_line(e)[:120]}); pass --transfer-data PATH to an npz with x_train, y_train, x_test, y_test "
             "or run with network access"
         ) from None
-    arrays = (train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy())
     check_mnist_arrays(arrays[0], arrays[1], "Fashion-MNIST [train]")
     check_mnist_arrays(arrays[2], arrays[3], "Fashion-MNIST [test]")
     return arrays
@@ -747,6 +767,7 @@ class LeNetStack(nn.Module):
         self.members, self.members_per_trial = members, members_per_trial
         self.weights = nn.ParameterList([nn.Parameter(torch.zeros(members, o, i, device=device)) for o, i in SHAPES])
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(members, o, device=device)) for o, _ in SHAPES])
+        self.graph_fallbacks: list[str] = []  # why this stack's CUDA graphs were given up, if they were (step_graph)
         self._pack()
 
     def _pack(self) -> None:
@@ -1193,35 +1214,115 @@ def cuda_graphs() -> bool:
     return os.environ.get("LOT_CUDA_GRAPHS", "1") != "0"
 
 
+def graphs_off(device: torch.device, data_parallel: bool) -> str | None:
+    """Why full-batch steps on device run eagerly, or None where each is one CUDA graph replay."""
+    if device.type != "cuda":
+        return "the CPU"
+    if not cuda_graphs():
+        return "LOT_CUDA_GRAPHS=0"
+    if data_parallel:  # replicas are made anew each step: nothing stays put to capture
+        return "--data-parallel"
+    return None
+
+
+def graphs_status(cfg: Config, device: torch.device, fallbacks: Sequence[str]) -> str:
+    """config.json's cuda_graphs for one process: "on", "off: <why>", or "fell back: <why>" if any
+    stack gave its graphs up (its numbers are then the eager engine's: still valid)."""
+    off = graphs_off(device, cfg.data_parallel)
+    if off:
+        return f"off: {off}"
+    return "fell back: " + "; ".join(fallbacks) if fallbacks else "on"
+
+
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """Makes device the current CUDA device, for what CUDA creates on "the current device"
     (streams, graphs and their memory pools): on cuda:1 they must live on cuda:1, not cuda:0."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+class GraphFallback(Exception):
+    """A CUDA graph that cannot be trusted: its capture raised, or a replay did not do an eager
+    step's work. Its stack trains eagerly instead: the same numbers, launched kernel by kernel."""
+
+
+# A replay runs the eager step's kernels on the same buffers: equal, or within rounding if the
+# capture picked other cuBLAS algorithms. A capture of nothing (or of half a step) misses by the
+# whole step, 100x more than this fraction of what the step changed.
+GRAPH_CHECK_RTOL = 1e-2
+
+
+def step_difference(after: Sequence[Tensor], expected: Sequence[Tensor], before: Sequence[Tensor]) -> float:
+    """How far one way of taking a step (after) lands from another (expected), as a fraction of
+    how far expected moved from before: 0 for the same bits, 1 for a step that did nothing."""
+    moved = max(float((e - b).abs().max()) for e, b in zip(expected, before) if e.numel())
+    missed = max(float((a - e).abs().max()) for a, e in zip(after, expected) if e.numel())
+    return missed / moved if moved > 0 else (0.0 if missed == 0 else math.inf)
+
+
 class StepGraph:
     """A full-batch optimiser step of a stack, and the running loss sum, captured as one CUDA graph
-    on the data's device. A GPU step of these small layers costs its kernel launches, not its
-    arithmetic; a replay launches them all at once. The replay runs the same kernels on the same
-    buffers, so the numbers keep their bits (the parameters, optimiser and masks are updated in place)."""
+    on the run's device. A GPU step of these small layers costs its kernel launches, not its
+    arithmetic; a replay launches them all at once, on the same buffers (the parameters, optimiser
+    and masks are updated in place).
+
+    A graph checks itself before it is used: from the same state, one replay must do what one
+    eager step does (parameters, optimiser buffers and loss sum). A capture that raises or a
+    replay that differs raises GraphFallback, with the stack's state as it was before the capture."""
 
     def __init__(self, stack: LeNetStack, opt: MaskedSGD, train: Split, shape: tuple[int, int], device: torch.device):
         self.idx = torch.zeros(shape, dtype=torch.long, device=train.x.device)
         self.total = torch.zeros(stack.members, device=train.x.device)
-        saved, steps = [t.clone() for t in opt.state()], opt.steps
-        params = opt.param.clone()
-        with on_device(device):
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up steps, as capture requires; undone below
-                for _ in range(2):
-                    self.total += train_step(stack, opt, train, self.idx).sum(1)
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=side):  # not torch's cached stream: that one may be another GPU's
+        saved = (opt.param.clone(), [t.clone() for t in opt.state()], opt.steps)
+        try:
+            with on_device(device):  # streams, graph and its memory pool on the run's GPU
+                self.capture(stack, opt, train, device)
+                self.check(stack, opt, train, saved)
+        except GraphFallback:
+            raise
+        except Exception as e:  # a driver or PyTorch that cannot capture this step
+            raise GraphFallback(f"capture failed ({type(e).__name__}: {one_line(e)[:160]})") from None
+        finally:  # the warm-up, capture and check steps leave no trace
+            self.restore(opt, saved)
+
+    def capture(self, stack: LeNetStack, opt: MaskedSGD, train: Split, device: torch.device) -> None:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up steps, as capture requires
+            for _ in range(2):
                 self.total += train_step(stack, opt, train, self.idx).sum(1)
-        opt.param.copy_(params)
-        opt.restore(saved, steps)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=side):  # not torch's cached stream: that one may be another GPU's
+            self.total += train_step(stack, opt, train, self.idx).sum(1)
+
+    def check(self, stack: LeNetStack, opt: MaskedSGD, train: Split, saved: tuple) -> None:
+        """One replay against one eager step on a real batch (the first images), from saved."""
+        self.idx.copy_(torch.arange(self.idx.shape[-1], device=self.idx.device).remainder(len(train.y)))
+        ends = []
+        for replay in (True, False):
+            self.restore(opt, saved)
+            if replay:
+                self.graph.replay()
+            else:
+                self.total += train_step(stack, opt, train, self.idx).sum(1)
+            ends.append([[t.clone() for t in part] for part in ([opt.param], opt.state(), [self.total])])
+        (p_graph, s_graph, t_graph), (p_eager, s_eager, t_eager) = ends
+        for what, graph, eager, before in (
+            ("weights", p_graph, p_eager, [saved[0]]),
+            ("optimiser state", s_graph, s_eager, saved[1]),
+            ("loss sum", t_graph, t_eager, [torch.zeros_like(self.total)]),
+        ):
+            off = step_difference(graph, eager, before)
+            if not off <= GRAPH_CHECK_RTOL:
+                raise GraphFallback(
+                    f"a replay's {what} differ from an eager step's by {off:.2g} of the step (a capture of "
+                    "nothing misses by 1)"
+                )
+
+    def restore(self, opt: MaskedSGD, saved: tuple) -> None:
+        opt.param.copy_(saved[0])
+        opt.restore(saved[1], saved[2])
+        self.total.zero_()
 
     def step(self, opt: MaskedSGD, idx: Tensor) -> None:
         self.idx.copy_(idx)
@@ -1230,14 +1331,20 @@ class StepGraph:
 
 
 def step_graph(net: nn.Module, opt: MaskedSGD, train: Split, shape: tuple[int, int]) -> StepGraph | None:
-    """The stack's graph for this optimiser, data and batch shape (captured once), where one
-    applies: CUDA and the stacked fast path (not nn.DataParallel)."""
+    """The stack's graph for this optimiser, data and batch shape (captured and checked once), where
+    one applies (graphs_off). A graph that fails its check is reported in one line, and its stack
+    trains eagerly from then on (stack.graph_fallbacks says why)."""
     stack = unwrap(net)
-    if not (cuda_graphs() and train.x.is_cuda and net is stack):
+    if graphs_off(train.x.device, net is not stack) or stack.graph_fallbacks:
         return None
     key = (id(opt), id(train), shape)
     if key not in stack._graphs:
-        graph = StepGraph(stack, opt, train, shape, train.x.device)
+        try:
+            graph = StepGraph(stack, opt, train, shape, train.x.device)
+        except GraphFallback as e:
+            warn(f"CUDA graphs off for this run's {stack.members}-member stack, eager steps from here on: {e}")
+            stack.graph_fallbacks.append(str(e))
+            return None
         stack._graphs[key] = (opt, train, graph)  # opt, train kept: ids stay theirs
     return stack._graphs[key][2]
 
@@ -1407,6 +1514,57 @@ def evaluate(net: nn.Module, data: Split) -> tuple[Tensor, Tensor]:
     return loss / y.shape[1], 100.0 * correct / y.shape[1]
 
 
+PATH_POINTS = 30  # networks on the straight line between a member and its twin, both ends included
+PATH_NETWORKS = 64  # interpolated networks stacked at once: bounded memory whatever the members
+PATH_TRAIN = 10_000  # training images the path is also evaluated on: the first of each trial's training index
+STABLE_BELOW = 2.0  # percentage points of error barrier under which a pair is stable (Frankle et al. 2020)
+
+
+def path_alphas(points: int | None = None) -> Tensor:
+    """Evenly spaced points of [0, 1], 0 and 1 included: PATH_POINTS of them unless told."""
+    return torch.linspace(0.0, 1.0, PATH_POINTS if points is None else points)
+
+
+def interpolate(start: Tensor, end: Tensor, alphas: Tensor) -> Tensor:
+    """(1 - a) * start + a * end for each a: [len(alphas), *start.shape]. a = 0 gives start and a = 1
+    gives end exactly (0 * w adds a zero), so the path's ends are the two trained networks themselves."""
+    a = alphas.to(start).view(-1, *([1] * start.dim()))
+    return (1 - a) * start + a * end
+
+
+def instability(errors: Sequence[float]) -> float:
+    """The error barrier of a path: its highest error minus the mean of its two ends' errors."""
+    return max(errors) - (errors[0] + errors[-1]) / 2
+
+
+PATH_CHUNK = 2_000  # images per pass along a path: [networks, images, 300] activations stay small
+
+
+@torch.no_grad()
+def path_errors(starts: Sequence[Tensor], ends: Sequence[Tensor], alphas: Tensor, splits: Sequence[Split]) -> Tensor:
+    """Error (%) of every network on the straight lines between K members (starts, per parameter
+    [K, ...]) and K others (ends), at each alpha, on each split (x [N, 784]): [splits, K, alphas].
+    fc1 is linear in its parameters: on the line its pre-activations are (1 - a) (W1 x + b1) +
+    a (W1' x + b1'), so two products per pair serve every point and only fc2 and fc3 (12% of the
+    weights) run once per point. Masks need no care: a weight pruned at both ends is 0 all along."""
+    k, n = starts[0].shape[0], len(alphas)
+    a = alphas.to(starts[0]).view(1, n, 1, 1)
+    line = [interpolate(s, e, alphas).transpose(0, 1).reshape(k * n, *s.shape[1:]) for s, e in zip(starts, ends)]
+    upper_w, upper_b = (None, line[1], line[2]), (None, line[4], line[5])
+    errors = []
+    for split in splits:
+        wrong = torch.zeros(k * n, device=split.x.device)
+        for first in range(0, len(split.y), PATH_CHUNK):
+            x, y = split.x[first : first + PATH_CHUNK], split.y[first : first + PATH_CHUNK]
+            pre = [
+                torch.baddbmm(p[3].unsqueeze(1), x.expand(k, *x.shape), p[0].transpose(1, 2)) for p in (starts, ends)
+            ]
+            h1 = ((1 - a) * pre[0].unsqueeze(1) + a * pre[1].unsqueeze(1)).relu_().view(k * n, len(y), -1)
+            wrong += (lenet_upper(h1, upper_w, upper_b)[1].argmax(-1) != y).sum(1)
+        errors.append(100.0 * wrong / len(split.y))
+    return torch.stack(errors).view(len(splits), k, n)
+
+
 # ==================================================================================================
 # Experiment: iterative magnitude pruning, a ticket and a control per trial, all stacked
 # ==================================================================================================
@@ -1459,6 +1617,10 @@ class RunState:
     csr_rounds: list[int] = field(default_factory=list)  # rounds whose fc1 trained through CSR kernels (--sparse)
     signs_rng: list[Tensor] = field(default_factory=list)  # generator states of the signs control's magnitudes
     untrained: list[float] = field(default_factory=list)  # this round's untrained_acc per member (supermasks)
+    untrained_val: list[float] = field(default_factory=list)  # ... on the validation images (with --val-size)
+    graph_fallbacks: list[str] = field(default_factory=list)  # why CUDA graphs were given up, if they were
+    twin_rng: list[Tensor] = field(default_factory=list)  # --stability: the twins' data-order generator states
+    stability: list[dict] = field(default_factory=list)  # stability.csv
     # Masks found at W0, per method, per layer: SNIP's and GraSP's keep ranks [trials, out, in] int32
     # (one score per trial; a round's mask is rank < its count); SynFlow's every begun round's mask,
     # 8 weights a byte, [trials, rounds, ceil(out * in / 8)] uint8.
@@ -1663,8 +1825,10 @@ def check_finite(
 ) -> None:
     for m, (train_loss, test_loss) in enumerate(zip(stats[0], stats[1])):
         if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+            group, position = divmod(m, len(names))  # --stability stacks the twins after every trial's members
+            who = f"{names[position]}{' twin' if group >= len(trials) else ''} of trial {trials[group % len(trials)]}"
             raise Diverged(
-                f"member {m} ({names[m % len(names)]} of trial {trials[m // len(names)]}) diverged in round {rnd}, "
+                f"member {m} ({who}) diverged in round {rnd}, "
                 f"epoch {epoch} (training loss {train_loss}) at --lr {lr}; try a smaller --lr"
             )
 
@@ -1684,7 +1848,7 @@ def begin_round(
     """Prune each iterative ticket (its trained weights, still in the stack, scored against the
     weights it rewinds to: W0, or the late-rewound ticket's rewind point), find the masks at W0
     with the tickets' new counts (SNIP's and GraSP's on each trial's images), then load every
-    member's starting weights on its mask."""
+    member's starting weights on its mask (and its twin's, the same, with --stability)."""
     cfg, rnd, names, n = plan.cfg, state.round, plan.names, len(trial_ids(state))
     trained = [w.detach().cpu() for w in stack._w + stack._b]
     if rnd == 1 and "oneshot" in names:  # one-shot tickets prune the tickets' dense trained weights
@@ -1707,7 +1871,12 @@ def begin_round(
                 method = AT_INIT.index(at_init_parts(v)[0])
                 gen = make_generator(cfg.seed, trial_ids(state)[t], "fresh", method, rnd)
             starts.append(member_start(v, member_masks(cfg, state, t, v, rnd), w0, gen, cfg.init, late))
-    stack.load(stack_members(starts, stack._w[0].device))
+    stack.load(stack_members(starts * copies(cfg), stack._w[0].device))
+
+
+def copies(cfg: Config) -> int:
+    """Networks trained per member: itself, and with --stability its twin, stacked after all members."""
+    return 2 if cfg.stability else 1
 
 
 def member_key(record: dict) -> tuple[int, str, int]:
@@ -1753,10 +1922,15 @@ class Trainee:
     train: Split
     index: Tensor | int  # [trials, n] indices into train, or n: all of it
     data_gens: list[torch.Generator]
+    twin_gens: list[torch.Generator] = field(default_factory=list)  # --stability: the twins' own orders
 
     def order(self) -> Tensor:
-        """The next epoch's batch order of every trial: [trials, n]."""
-        return epoch_order(self.index, self.data_gens, self.train.x.device)
+        """The next epoch's batch order of every order group: [trials, n], or with twins [2 * trials, n],
+        the twins' orders after the members'. A group's members share each batch (one gather)."""
+        order = epoch_order(self.index, self.data_gens, self.train.x.device)
+        if self.twin_gens:
+            order = torch.cat([order, epoch_order(self.index, self.twin_gens, self.train.x.device)])
+        return order
 
 
 def round_schedule(plan: Plan, epoch: int, rewind_step: int | None) -> list[tuple[int, str]]:
@@ -1814,15 +1988,19 @@ def train_round(
 
 class Experiment:
     """Iterative magnitude pruning of a RunState's trials, all members stacked: for each round,
-    prune and rewind, train the round, record."""
+    prune and rewind, train the round, record. With --stability the stack holds every member's
+    twin after all the members (member m's twin is m + primaries), in order groups of their own:
+    the batch index is [2 * trials, B], each trial's members on the first trials rows."""
 
     def __init__(self, plan: Plan, train: Split, test: Split, state: RunState):
         cfg, device = plan.cfg, train.x.device
         self.plan, self.test, self.state = plan, test, state
         self.trials = trial_ids(state)
         index, val_index = validation_split(cfg.seed, self.trials, len(train.y), cfg.val_size)
-        self.val = Split(train.x[val_index.to(device)], train.y[val_index.to(device)])  # [trials, val_size, ...]
-        net: nn.Module = LeNetStack(len(self.trials) * len(plan.names), len(plan.names), device)
+        val_index = val_index.repeat(copies(cfg), 1)  # one per order group: the twins validate on their trial's
+        self.val = Split(train.x[val_index.to(device)], train.y[val_index.to(device)])  # [groups, val_size, ...]
+        self.primaries = len(self.trials) * len(plan.names)  # the members; their twins follow
+        net: nn.Module = LeNetStack(self.primaries * copies(cfg), len(plan.names), device)
         if cfg.data_parallel:
             if device.type == "cuda":  # every visible GPU, the run's own first (it gathers the gradients)
                 first = torch.cuda.current_device() if device.index is None else device.index
@@ -1837,7 +2015,7 @@ class Experiment:
             opt.restore(state.opt_state, state.opt_steps)
         self.control_gens = generators(state.control_rng)
         self.signs_gens = generators(state.signs_rng)
-        self.trainee = Trainee(net, opt, train, index, generators(state.data_rng))
+        self.trainee = Trainee(net, opt, train, index, generators(state.data_rng), generators(state.twin_rng))
         self.index = index  # per trial, its training images (without --val-size's)
         self.evaluations: list[tuple[int, Tensor]] = []  # (iteration, [val loss, val acc, test loss, test acc])
 
@@ -1850,7 +2028,13 @@ class Experiment:
         state.opt_state, state.opt_steps = [b.cpu().clone() for b in opt.state()], opt.steps
         state.control_rng = [g.get_state() for g in self.control_gens]
         state.signs_rng = [g.get_state() for g in self.signs_gens]
+        self.note_fallbacks()
         return state
+
+    def note_fallbacks(self) -> None:
+        """The stack's given-up CUDA graphs, into the state (and so the checkpoint): once each."""
+        state = self.state
+        state.graph_fallbacks += [r for r in self.stack.graph_fallbacks if r not in state.graph_fallbacks]
 
     def on_event(self, event: str, iteration: int) -> None:
         if event == "rewind":  # the late-rewound tickets' weights at this point of round 0
@@ -1874,14 +2058,14 @@ class Experiment:
                     "test_loss": round(v[2][m], 6),
                     "test_acc": round(v[3][m], 2),
                 }
-                for m in range(len(v[0]))
+                for m in range(self.primaries)
             ]
         self.evaluations.clear()
         return records
 
     def epoch_stats(self, epoch: int, loss_sum: Tensor) -> list[list[float]]:
-        """[train loss, test loss, test acc] per member after an epoch; an epoch that ended on an
-        evaluation takes its test numbers from it (the same weights)."""
+        """[train loss, test loss, test acc] per member after an epoch (twins checked, not returned);
+        an epoch that ended on an evaluation takes its test numbers from it (the same weights)."""
         plan = self.plan
         samples = min(plan.steps_in(epoch) * plan.cfg.batch_size, plan.n_train)
         if self.evaluations and self.evaluations[-1][0] == (epoch - 1) * plan.epoch_steps + plan.steps_in(epoch):
@@ -1890,7 +2074,7 @@ class Experiment:
             test_loss, test_acc = evaluate(self.trainee.net, self.test)
         stats = torch.stack([loss_sum / samples, test_loss, test_acc]).cpu().tolist()  # one sync per epoch
         check_finite(plan.names, self.trials, stats, self.state.round, epoch, plan.cfg.lr)
-        return stats
+        return [s[: self.primaries] for s in stats]
 
     def schedule(self, epoch: int) -> list[tuple[int, str]]:
         state = self.state
@@ -1907,9 +2091,14 @@ class Experiment:
             begin_round(plan, state, self.stack, self.control_gens, self.signs_gens, images)
             opt.reset()
             if records_untrained(plan.cfg):  # each member's starting weights on its mask, before any step
-                state.untrained = evaluate(self.trainee.net, self.test)[1].cpu().tolist()
+                state.untrained = evaluate(self.trainee.net, self.test)[1].cpu().tolist()[: self.primaries]
+                if plan.cfg.val_size:  # where a run can pick its best level without looking at the test set
+                    state.untrained_val = evaluate(self.trainee.net, self.val)[1].cpu().tolist()[: self.primaries]
+            if plan.cfg.stability:  # the twins' data orders: a stream of their own per (trial, round)
+                self.trainee.twin_gens = [make_generator(plan.cfg.seed, t, "twin", state.round) for t in self.trials]
+                state.twin_rng = [g.get_state() for g in self.trainee.twin_gens]
         masks = [member_masks(plan.cfg, state, t, v, state.round) for t in range(len(self.trials)) for v in plan.names]
-        stacked = stack_members(masks, self.stack.flat.device)
+        stacked = stack_members(masks * copies(plan.cfg), self.stack.flat.device)
         train_on_masks(opt, stacked)
         self.stack.sparse = sparse_fc1(
             self.stack, opt, stacked, sparse_engine(plan.cfg) and self.trainee.net is self.stack
@@ -1933,6 +2122,7 @@ class Experiment:
                 )
                 state.evals += self.eval_records()
                 state.data_rng = [g.get_state() for g in self.trainee.data_gens]
+                state.twin_rng = [g.get_state() for g in self.trainee.twin_gens]
                 state.step, state.loss_sum = 0, None
                 if at.epoch < plan.epochs:
                     state.epoch = at.epoch + 1
@@ -1946,15 +2136,47 @@ class Experiment:
             if self.stack.sparse:
                 self.stack.sparse.close()
                 self.stack.sparse = None
-        self.record(stats, masks)
+            self.note_fallbacks()
+        self.record(stats, masks, self.paths() if plan.cfg.stability else [])
 
-    def record(self, stats: list[list[float]], masks: list[list[Tensor]]) -> None:
-        """The finished round's results.csv rows, with each member's early-stopping point."""
+    def paths(self) -> list[dict]:
+        """After a round with --stability: the straight line from every member to its twin, on the test
+        set and on its trial's first PATH_TRAIN training images, as stability.csv rows; returns each
+        member's instability (test and train, in points), in member order."""
+        state, names, alphas = self.state, self.plan.names, path_alphas()
+        params = [p.detach() for p in (*self.stack._w, *self.stack._b)]
+        train, per_chunk = self.trainee.train, max(1, PATH_NETWORKS // len(alphas))
+        barriers = []
+        for t in range(len(self.trials)):
+            rows = self.trainee.index[t, :PATH_TRAIN].to(train.x.device)
+            probe = Split(train.x[rows], train.y[rows])
+            for a in range(t * len(names), (t + 1) * len(names), per_chunk):
+                b = min(a + per_chunk, (t + 1) * len(names))
+                twins = [p[a + self.primaries : b + self.primaries] for p in params]
+                errors = path_errors([p[a:b] for p in params], twins, alphas, [self.test, probe]).cpu().tolist()
+                for m in range(a, b):
+                    ids, found = member_ids(names, self.trials, m, state.round), {}
+                    for split, key, curve in zip(("test", "train"), ("instability", "instability_train"), errors):
+                        line = [round(e, 4) for e in curve[m - a]]  # the barrier is computed from what is written
+                        state.stability += [
+                            {**ids, "split": split, "alpha": round(alpha, 6), "error": e}
+                            for alpha, e in zip(alphas.tolist(), line)
+                        ]
+                        found[key] = round(instability(line), 4)
+                    barriers.append(found)
+        return barriers
+
+    def record(self, stats: list[list[float]], masks: list[list[Tensor]], barriers: Sequence[dict] = ()) -> None:
+        """The finished round's results.csv rows, with each member's early-stopping point (and its
+        instability, with --stability)."""
         state = self.state
         extra = [layer_percentages(m) for m in masks]
         if state.untrained:  # the starting weights on the mask, before training: Zhou et al.'s supermask accuracy
             extra = [{**e, "untrained_acc": round(u, 2)} for e, u in zip(extra, state.untrained)]
+        if state.untrained_val:
+            extra = [{**e, "untrained_val_acc": round(u, 2)} for e, u in zip(extra, state.untrained_val)]
         rows = member_records(self.plan.names, self.trials, stats, state.round, extra.__getitem__)
+        rows = [{**row, **barrier} for row, barrier in zip(rows, barriers)] if barriers else rows
         stops = early_stops(state.evals, state.round)
         state.rows += [{**row, **stops.get(member_key(row), {})} for row in rows]
 
@@ -2072,6 +2294,7 @@ def outputs_view(state: RunState) -> RunState:
         control_rng=[],
         signs_rng=[],
         data_rng=[],
+        twin_rng=[],
         params=[],
         opt_state=[],
         loss_sum=None,
@@ -2123,6 +2346,7 @@ def gather_states(state: RunState, ranks: Ranks) -> RunState | None:
         rows=ordered([p.rows for p in parts], "round", "trial"),  # stable: variants stay in their order
         curves=ordered([p.curves for p in parts], "round", "epoch", "trial"),
         evals=ordered([p.evals for p in parts], "round", "iteration", "trial"),
+        stability=ordered([p.stability for p in parts], "round", "trial"),  # stable: variant, split, alpha stay
     )
 
 
@@ -2163,6 +2387,8 @@ def write_tables(cfg: Config, state: RunState, out: Path) -> None:
     save_torch(out / "tickets.pt", tickets_payload(state))
     if state.evals:
         atomic_write(out / "validation.csv", lambda tmp: pd.DataFrame(state.evals).to_csv(tmp, index=False))
+    if state.stability:
+        atomic_write(out / "stability.csv", lambda tmp: pd.DataFrame(state.stability).to_csv(tmp, index=False))
 
 
 def save_torch(path: Path, obj: Any) -> None:
@@ -2392,12 +2618,18 @@ def summary_markdown(rows: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def interval_cell(values: Sequence[float], fmt: str) -> str:
-    """'mean [lo, hi]' (95% Student-t over trials), or the mean alone for one trial."""
+def interval_cell(values: Sequence[float], fmt: str, bounds: tuple[float, float] | None = None) -> str:
+    """'mean [lo, hi]' (95% Student-t over trials), or the mean alone for one trial; an interval of a
+    bounded quantity (an accuracy: 0 to 100) is clipped to its bounds."""
     if len(values) < 2:
         return format(float(np.mean(values)), fmt)
     mean, lo, hi = paired_t_interval(values)
+    if bounds:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
     return f"{mean:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+ACCURACY = (0.0, 100.0)
 
 
 def early_stop_markdown(rows: pd.DataFrame) -> str:
@@ -2477,7 +2709,8 @@ def paired_markdown(rows: pd.DataFrame, pairs: Sequence[tuple[str, str]], superm
     """Per round: every variant's test accuracy and the differences a - b of the given pairs,
     paired within each trial (a trial's reinit draws averaged first); then every member's
     accuracy before training (its starting weights on its mask)."""
-    acc = per_trial(rows, ["round", "trial", "variant"], ["weights_pct", "test_acc", "untrained_acc"])
+    validated = ["untrained_val_acc"] if "untrained_val_acc" in rows else []
+    acc = per_trial(rows, ["round", "trial", "variant"], ["weights_pct", "test_acc", "untrained_acc", *validated])
     wide = acc.pivot_table(index=["round", "trial"], columns="variant", values=["test_acc", "untrained_acc"])
     trained, untrained = wide["test_acc"], wide["untrained_acc"]
     shown = [v for v in LABELS if v in trained.columns]
@@ -2497,7 +2730,7 @@ def paired_markdown(rows: pd.DataFrame, pairs: Sequence[tuple[str, str]], superm
         t, u = trained.xs(rnd, level="round"), untrained.xs(rnd, level="round")
         cells = [str(rnd), f"{pct[rnd]:.2f}%", *(f"{t[v].mean():.2f}" for v in shown)]
         lines.append("| " + " | ".join(cells + [interval_cell(t[a] - t[b], "+.2f") for a, b in pairs]) + " |")
-        before.append("| " + " | ".join(cells[:2] + [interval_cell(u[v], ".2f") for v in shown]) + " |")
+        before.append("| " + " | ".join(cells[:2] + [interval_cell(u[v], ".2f", ACCURACY) for v in shown]) + " |")
     trials = rows.trial.nunique()
     spread = f"; mean [95% confidence interval: Student-t, df = {trials - 1}]" if trials > 1 else ""
     return (
@@ -2507,9 +2740,58 @@ def paired_markdown(rows: pd.DataFrame, pairs: Sequence[tuple[str, str]], superm
         + "\n".join(lines)
         + f"\n\nTest accuracy (%) before training: each member's starting weights on its mask {supermask}"
         + spread
+        + (", clipped to [0, 100]" if trials > 1 else "")
         + ".\n\n"
         + "\n".join(before)
-        + "\n"
+        + "\n\n"
+        + best_untrained_markdown(acc, shown, pct)
+    )
+
+
+def best_untrained_markdown(acc: pd.DataFrame, shown: Sequence[str], pct: pd.Series) -> str:
+    """Each member's best level before training and its test accuracy there. The level is picked on
+    the validation images where the run has them (untrained_val_acc); picked on the test set it is
+    the best of every round's test accuracy, biased upwards, and the line says so."""
+    on_val = "untrained_val_acc" in acc
+    pick = "untrained_val_acc" if on_val else "untrained_acc"
+    lines = []
+    for v in shown:
+        mine = acc[acc.variant == v]
+        rnd = int(mine.groupby("round")[pick].mean().idxmax())
+        at = mine[mine["round"] == rnd].sort_values("trial").untrained_acc.tolist()
+        lines.append(f"- {LABELS[v]}: {interval_cell(at, '.2f', ACCURACY)} at {pct[rnd]:.2f}% (round {rnd})")
+    how = (
+        "picked by the validation images' accuracy before training (untrained_val_acc), test accuracy there"
+        if on_val
+        else "picked by this same test accuracy: the best of every round, an optimistic figure (a run with "
+        "--val-size picks it on validation images)"
+    )
+    return f"Best level before training, {how}:\n\n" + "\n".join(lines) + "\n"
+
+
+def instability_markdown(rows: pd.DataFrame) -> str:
+    """Per round and variant, the instability of the path between each member and its twin, on
+    the test set and on the training images (a trial's reinit draws averaged first)."""
+    values = per_trial(rows, ["round", "trial", "variant"], ["weights_pct", "instability", "instability_train"])
+    wide = values.pivot_table(index=["round", "trial"], columns="variant", values=["instability", "instability_train"])
+    shown = [v for v in LABELS if v in wide["instability"].columns]
+    pct = values[values.variant == "ticket"].groupby("round").weights_pct.mean()
+    trials = rows.trial.nunique()
+    header = ["Round", "Weights Remaining", *(f"{LABELS[v]} {split}" for v in shown for split in ("test", "train"))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    for rnd in sorted(pct.index):
+        cells = [str(rnd), f"{pct[rnd]:.2f}%"]
+        for v in shown:
+            for column in ("instability", "instability_train"):
+                d = wide[column][v].xs(rnd, level="round")
+                cells.append(f"{d.mean():.2f}" + (f" ± {d.std():.2f}" if trials > 1 else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    spread = f"; mean ± sd over {trials} trials" if trials > 1 else ""
+    return (
+        "Instability (Frankle et al. 2020): the highest error on the straight line between a member and its twin "
+        "(same mask, start and optimiser, another data order), minus the mean of the two ends' errors, in "
+        f"percentage points, on the test set and on {PATH_TRAIN:,} training images{spread}. Stable: under "
+        f"{STABLE_BELOW:g} points.\n\n" + "\n".join(lines) + "\n"
     )
 
 
@@ -2677,6 +2959,42 @@ def plot_over_iterations(evals: pd.DataFrame, rows: pd.DataFrame, path: Path) ->
     atomic_write(path, lambda tmp: fig.savefig(tmp))
 
 
+INTERPOLATION_LEVELS = (100.0, 13.0, 3.5, 1.15)  # weights remaining (%) drawn in interpolation.png
+
+
+def plot_interpolation(paths: pd.DataFrame, rows: pd.DataFrame, path: Path) -> None:
+    """Test error along the straight line from member (a = 0) to twin (a = 1), ticket against
+    control, at the rounds nearest a few levels of weights remaining; mean ± sd over trials (a
+    trial's reinit draws averaged first)."""
+    from matplotlib.figure import Figure
+
+    rounds = nearest_rounds(rows, INTERPOLATION_LEVELS)
+    pct = rows[rows.variant == "ticket"].groupby("round").weights_pct.mean()
+    test = paths[(paths.split == "test") & paths["round"].isin(rounds)]
+    curves = per_trial(test, ["variant", "round", "trial", "alpha"], ["error"])
+    shown = [v for v in ("ticket", "control") if v in set(curves.variant)]
+    fig = Figure(figsize=(3.2 * len(rounds) + 0.8, 3.8), dpi=150)
+    axes = fig.subplots(1, len(rounds), sharey=True, squeeze=False)[0]
+    for ax, rnd in zip(axes, rounds):
+        for variant in shown:
+            g = curves[(curves.variant == variant) & (curves["round"] == rnd)].groupby("alpha").error
+            mean, sd = g.mean(), g.std()
+            ax.plot(mean.index, mean.values, marker=".", ms=3, lw=1, color=COLORS[variant], label=LABELS[variant])
+            if rows.trial.nunique() > 1:
+                ax.fill_between(mean.index, mean - sd, mean + sd, color=COLORS[variant], alpha=0.2, lw=0)
+        ax.set_title(f"{pct[rnd]:.2f}% of weights (round {rnd})", fontsize=9)
+        ax.set_xlabel("a: member (0) to twin (1)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("test error (%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"Linear interpolation between two copies trained on different data orders, {rows.trial.nunique()} trial(s)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp))
+
+
 def plot_layers(rows: pd.DataFrame, path: Path) -> None:
     """Weights remaining per layer against the round: the ticket's, and beside it each mask found at
     initialisation (their shuffles and reinits share its per-layer counts). A layer at 0% has
@@ -2791,6 +3109,8 @@ def write_config(cfg: Config, device: torch.device, out: Path, **extra: Any) -> 
 def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
     """summary.md and the figures, from the rows of every finished round."""
     summary = summary_markdown(rows)
+    if "instability" in rows:
+        summary += "\n" + instability_markdown(rows)
     write_text(out / "summary.md", summary)
     present, figures = set(rows.variant), []
     for name, shown, needs, title in FIGURES:
@@ -2822,12 +3142,31 @@ def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
     if (out / "validation.csv").exists():
         figures.append(out / "test_acc_over_iterations.png")
         plot_over_iterations(pd.read_csv(out / "validation.csv"), rows, figures[-1])
+    if "instability" in rows:
+        figures += stability_figures(rows, out)
     figures.append(out / "layers.png")
     plot_layers(rows, figures[-1])
     if (out / "masks.pt").exists():
         figures.append(out / "pixels.png")
         plot_pixels(load_masks(out), figures[-1])
     return summary, figures
+
+
+def stability_figures(rows: pd.DataFrame, out: Path) -> list[Path]:
+    """--stability: instability.png from the rows, interpolation.png from stability.csv."""
+    plot_vs_weights(
+        rows,
+        out / "instability.png",
+        "instability",
+        list(LABELS),
+        "instability: test error barrier (points)",
+        "Is the network stable to SGD noise? (Frankle et al. 2020)",
+        reference=(STABLE_BELOW, f"stable: under {STABLE_BELOW:g} points"),
+    )
+    if not (out / "stability.csv").exists():
+        return [out / "instability.png"]
+    plot_interpolation(pd.read_csv(out / "stability.csv"), rows, out / "interpolation.png")
+    return [out / "instability.png", out / "interpolation.png"]
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -2865,6 +3204,9 @@ OUTPUT_FILES = (
     "config.json",
     "transfer.csv",
     "transfer.png",
+    "stability.csv",
+    "instability.png",
+    "interpolation.png",
     CHECKPOINT,
 )
 
@@ -2923,7 +3265,7 @@ def load_checkpoint(out: Path, name: str = CHECKPOINT) -> tuple[RunState, dict]:
         saved_cfg = Config(
             **{k: v for k, v in meta["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
         )
-        members = trials * len(variants(saved_cfg))
+        members = trials * len(variants(saved_cfg)) * copies(saved_cfg)
         layer_shapes = [(trials, o, i) for o, i in SHAPES]
         shapes_ok = (
             payload["format"] == 2
@@ -3258,6 +3600,7 @@ class Session:
         self.job, self.started = job, started
         self.earlier_s = job.state.elapsed_s  # spent by the processes this one resumes
         self.merged: RunState | None = None  # every rank's finished rounds, on rank 0
+        self.graphs: list[str] | None = None  # every rank's cuda_graphs (graphs_status), on rank 0
         self.every_s = checkpoint_every_s()
         self.last_save = self.round_began = time.perf_counter()
 
@@ -3283,13 +3626,31 @@ class Session:
                 status=status,
                 data_sha256=job.data_sha,
                 world_size=job.ranks.world,
+                process_group=dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
                 fc1_engine="csr" if job.state.csr_rounds else "dense",  # what ran, not what was asked
                 fc1_csr_rounds=job.state.csr_rounds,
+                **self.graphs_record(),
                 **extra,
             )
 
+    def graphs_record(self) -> dict[str, Any]:
+        """cuda_graphs of the run: this process's, or under torchrun the ranks' common value, else
+        each rank that differs named (and cuda_graphs_by_rank, every rank's)."""
+        job = self.job
+        ranks = self.graphs or [graphs_status(job.cfg, job.device, job.state.graph_fallbacks)]
+        if self.graphs is None or not job.ranks.launched:  # before the first gather: this process's
+            return {"cuda_graphs": ranks[0]}
+        differ = "; ".join(f"rank {i}: {s.removeprefix('fell back: ')}" for i, s in enumerate(ranks) if s != "on")
+        return {
+            "cuda_graphs": ranks[0] if len(set(ranks)) == 1 else f"fell back: {differ}",
+            "cuda_graphs_by_rank": ranks,
+        }
+
     def tables(self, state: RunState) -> None:
         """A collective under torchrun: rank 0 gathers and writes."""
+        job = self.job
+        graphs = graphs_status(job.cfg, job.device, state.graph_fallbacks)
+        self.graphs = gather_objects(graphs, job.ranks) if job.ranks.launched else [graphs]
         self.merged = gather_states(state, self.job.ranks)
         if self.job.ranks.leader:
             write_tables(self.job.cfg, self.merged, self.job.out)
@@ -3314,6 +3675,7 @@ def announce(job: Job) -> None:
     length = f"{cfg.iterations} iterations" if cfg.iterations else f"{cfg.epochs} epochs"
     print(
         f"lot_improved: {cfg.trials} trial(s) x {len(variants(cfg))} variants"
+        + (" x 2 (each with its twin: --stability)" if cfg.stability else "")
         + (f" on {ranks.world} processes" if ranks.world > 1 else "")
         + f", {cfg.rounds + 1} rounds x {length} on {len(job.train.y) - cfg.val_size} images, device {job.device}, "
         f"writing to {job.out}/"

@@ -78,7 +78,7 @@ class Steps:
         # dynamic=False: each trial count gets kernels for its own shapes, as a run would
         self.fn = torch.compile(step_arithmetic, dynamic=False) if way.startswith("compiled") else step_arithmetic
         if way == "graph":  # the engine's own graph, unpatched: what runs on CUDA today
-            self.graph = lot.StepGraph(s.stack, s.opt, s.train, tuple(s.batches[0].shape))
+            self.graph = lot.StepGraph(s.stack, s.opt, s.train, tuple(s.batches[0].shape), s.train.x.device)
         elif "graph" in way:
             shape = (k, *s.batches[0].shape) if way == "graph xK" else tuple(s.batches[0].shape)
             self.graph = self.capture(shape, way == "graph xK")
@@ -93,7 +93,7 @@ class Steps:
         self.multi = multi
         engine_step, lot.train_step = lot.train_step, self.batched  # StepGraph captures lot.train_step
         try:
-            return lot.StepGraph(self.s.stack, self.s.opt, self.s.train, shape)
+            return lot.StepGraph(self.s.stack, self.s.opt, self.s.train, shape, self.s.train.x.device)
         finally:
             lot.train_step = engine_step
 
@@ -157,11 +157,13 @@ def measure(trials: int, train: lot.Split, args: argparse.Namespace, done: dict)
     for way in args.ways:
         try:
             figures[way] = time_way(way, s, args.k, args.repeats)
-        except Exception as e:  # a way this machine cannot run: say why, go on with the others
+        except Exception as e:  # a way this machine cannot run: say why (here and in the JSON), go on
             if way == "eager":
                 raise
-            print(f"{trials} trial(s), {way}: skipped: {lot.one_line(e)}", file=sys.stderr)
+            figures[way] = {"skipped": f"{type(e).__name__}: {lot.one_line(e)}"}
+            print(f"{trials} trial(s), {way}: skipped: {figures[way]['skipped']}", file=sys.stderr)
             traceback.print_exc(limit=3)
+            report(done, args)
             continue
         if way == "eager":
             eager = s.stack.flat.clone()
@@ -170,21 +172,24 @@ def measure(trials: int, train: lot.Split, args: argparse.Namespace, done: dict)
 
 
 def report(done: dict, args: argparse.Namespace) -> None:
-    """Ratios against the engine's way (graph where measured, else eager), printed and written."""
+    """Ratios against the engine's way (graph where measured, else eager), printed and written; a
+    skipped way stays in the JSON with its reason."""
     for figures in done.values():
-        base = figures.get("graph") or figures["eager"]
-        for f in figures.values():
+        timed = {w: f for w, f in figures.items() if "ms_per_step" in f}
+        base = timed.get("graph") or timed["eager"]
+        for f in timed.values():
             f["over_engine"] = round(f["ms_per_step"] / base["ms_per_step"], 3)
             f["full_run_training_s"] = round(f["ms_per_step"] * FULL_RUN_STEPS / 1e3, 1)
     t, figures = list(done.items())[-1]
     way, f = list(figures.items())[-1]
-    kernels = f"{f['kernels_per_step']:.0f}" if f["kernels_per_step"] is not None else "-"
-    print(
-        f"{t} trial(s) {way.replace('xK', f'x{args.k}'):15s} {f['ms_per_step']:.4f} ms/step "
-        f"({f['over_engine']:.2f}x the engine so far), kernels/step {kernels:>3s}, full run's training "
-        f"{f['full_run_training_s']:.0f} s, max |w - eager| {f['max_abs_diff_vs_eager']:.1e}",
-        flush=True,
-    )
+    if "ms_per_step" in f:  # a skipped way was reported as it failed
+        kernels = f"{f['kernels_per_step']:.0f}" if f["kernels_per_step"] is not None else "-"
+        print(
+            f"{t} trial(s) {way.replace('xK', f'x{args.k}'):15s} {f['ms_per_step']:.4f} ms/step "
+            f"({f['over_engine']:.2f}x the engine so far), kernels/step {kernels:>3s}, full run's training "
+            f"{f['full_run_training_s']:.0f} s, max |w - eager| {f['max_abs_diff_vs_eager']:.1e}",
+            flush=True,
+        )
     if args.json:
         payload = {"device_model": args.model, **args.env, "steps": args.steps, "k": args.k, "repeats": args.repeats}
         lot.write_text(Path(args.json), json.dumps({**payload, "trials": done}, indent=2) + "\n")
@@ -220,7 +225,8 @@ def main() -> int:
         measure(t, train, args, done)
     print("ratios against the engine's way, all measured:")
     for t, figures in done.items():
-        print(f"  {t} trial(s): " + ", ".join(f"{w} {f['over_engine']:.2f}x" for w, f in figures.items()))
+        ratios = [f"{w} {f['over_engine']:.2f}x" if "over_engine" in f else f"{w} skipped" for w, f in figures.items()]
+        print(f"  {t} trial(s): " + ", ".join(ratios))
     return 0
 
 

@@ -1,6 +1,8 @@
 """The benchmark reports what it measured: every way's times, the ratios, and the machine's floor."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -91,3 +93,33 @@ def test_cuda_graph_ways_replay_the_eager_steps_bit_for_bit():
         Steps(way, s, k=10).run(s.batches)
         final[way] = s.stack.flat.clone()
     assert torch.equal(final["graph"], final["eager"]) and torch.equal(final["graph xK"], final["eager"])
+
+
+def test_the_gpu_check_lists_its_steps_most_important_first_within_one_device_call_and_dry_runs_nothing(tmp_path):
+    # A device call lasts 600 s at most: the steps that always run must fit in 540 of them.
+    spies = tmp_path / "bin"
+    spies.mkdir()
+    for tool in ("python3", "timeout", "nvidia-smi", "torchrun"):  # any of them run would leave its mark
+        (spies / tool).write_text(f"#!/bin/sh\ntouch {tmp_path}/ran-{tool}\n")
+        (spies / tool).chmod(0o755)
+    env = {**os.environ, "CUDA_CHECK_DRY": "1", "OUT": str(tmp_path / "out"), "PATH": f"{spies}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "benchmarks/cuda_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    steps = [
+        re.fullmatch(r"(\d+)\. (.+): (up to )?(\d+) s(, only if time is left)?", line)
+        for line in proc.stdout.splitlines()
+    ]
+    assert all(steps) and [int(s[1]) for s in steps] == list(range(1, len(steps) + 1)), proc.stdout
+    always = [(s[2], int(s[4])) for s in steps if not s[5]]
+    assert [label for label, _ in always] == [
+        "CUDA tests",
+        "the full default run",
+        "the notebook flow on the GPU",
+        "torchrun, one rank (NCCL), against one process",
+        "--data-parallel against the graphed engine, one epoch a round",
+        "the step five ways",
+    ]
+    assert sum(limit for _, limit in always) <= 540
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]  # nothing ran, no $OUT, no log
+    script = (ROOT / "benchmarks" / "cuda_check.sh").read_text()
+    assert script.count("timeout ") == 1  # the wrapper's alone: no step keeps a limit the dry mode cannot see

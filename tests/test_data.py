@@ -1,9 +1,12 @@
 """Data: the bundled MNIST is the real one, wrong files are refused, the torchvision path works offline
 when its files are there and fails with one helpful line when they are not."""
 
+import contextlib
+import subprocess
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import MNIST_NPZ, lot, refused, synthetic_arrays
@@ -79,6 +82,8 @@ def test_processes_starting_together_download_one_at_a_time(tmp_path, monkeypatc
     inside, overlaps, together = [], [], threading.Barrier(2)
 
     def download(root, train, download):
+        if not download:
+            raise RuntimeError("Dataset not found. You can use download=True to download it")
         overlaps.append(bool(inside))
         inside.append(root)
         time.sleep(0.2)  # a download under way: another one starting now would overlap it
@@ -97,6 +102,48 @@ def test_processes_starting_together_download_one_at_a_time(tmp_path, monkeypatc
     for t in threads:
         t.join()
     assert overlaps == [False, False]
+
+
+@contextlib.contextmanager
+def read_only(folder):
+    """The folder, and everything in it, made immutable (as root, permissions alone would not bite)."""
+    paths = [folder, *folder.rglob("*")]
+    if subprocess.run(["chattr", "+i", *map(str, paths)], capture_output=True).returncode:
+        pytest.skip("this filesystem cannot make a folder immutable (chattr +i)")
+    try:
+        with pytest.raises(OSError):
+            (folder / "probe").write_bytes(b"")
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, paths)], check=True)
+
+
+@pytest.mark.parametrize("form", ["torchvision's raw files", "mnist.npz"])
+def test_a_read_only_data_folder_loads_and_gets_no_lock(form, tmp_path, capsys):
+    # A cluster's shared /datasets, a Kaggle input: readable, never writable.
+    data = tmp_path / "datasets"
+    data.mkdir()
+    arrays = synthetic_arrays(n_train=120, n_test=30, seed=5)
+    if form == "mnist.npz":
+        np.savez(data / "mnist.npz", **arrays)
+    else:
+        write_idx(arrays, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    out = tmp_path / "out"
+    with read_only(data):
+        code = lot.main(["--data-dir", str(data), "--rounds", "1", "--epochs", "1", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # no .download.lock, nothing else
+    assert len(pd.read_csv(out / "results.csv")) == 2 * 2
+
+
+def test_a_read_only_folder_without_mnist_is_one_line_naming_the_remedies(tmp_path, capsys):
+    data = tmp_path / "empty"
+    data.mkdir()
+    with read_only(data):
+        line = refused(["--data-dir", str(data), "--out", str(tmp_path / "out")], capsys, tmp_path / "out")
+    assert "MNIST not found" in line and "copy mnist.npz into --data-dir" in line
+    assert list(data.iterdir()) == []
 
 
 BAD_FILES = {

@@ -2,6 +2,8 @@
 one cell runs the default experiment, the README's next call chooses other settings, and a
 misspelt flag is one error line, never a traceback."""
 
+import json
+import os
 import re
 import shutil
 
@@ -9,8 +11,13 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import ROOT, SCRIPT, synthetic_arrays
 from nbclient import NotebookClient
+
+# The parent's environment (CUDA_VISIBLE_DEVICES, LD_LIBRARY_PATH ...): nbclient's env replaces it whole.
+KERNEL_ENV = {**os.environ, "TQDM_DISABLE": "1"}
+DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"  # where a kernel's run must train
 
 
 def readme_notebook_call() -> str:
@@ -43,13 +50,13 @@ def test_pasted_cell_then_the_readme_call_then_a_bad_flag_in_a_real_kernel(tmp_p
     call = readme_notebook_call()
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(src) for src in (SCRIPT.read_text(), call, 'main(["--trails", "3"])')]
-    env = {"TQDM_DISABLE": "1"}
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
-    client.execute(env=env)
+    client.execute(env=KERNEL_ENV)
     pasted, readme, bad = (outputs(c) for c in nb.cells)
 
     assert "| Round | Weights Remaining | Ticket | Control |" in pasted[0]  # the default run's table
     assert (tmp_path / "results" / "results.csv").exists() and "error" not in pasted[1]
+    assert json.loads((tmp_path / "results" / "config.json").read_text())["device"] == DEVICE
     assert any("image/png" in o.get("data", {}) for o in nb.cells[0].outputs)  # figures shown inline
 
     assert readme[2] == "0", readme[1]  # works after the earlier run, the first time
@@ -77,10 +84,11 @@ def test_run_magic_takes_its_flags_refuses_a_misspelt_one_and_main_reads_switche
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
-    client.execute(env={"TQDM_DISABLE": "1"})
+    client.execute(env=KERNEL_ENV)
     ran, misspelt, bad_switch, good_switch = (outputs(c) for c in nb.cells)
 
     rows = pd.read_csv(tmp_path / "runs" / "x" / "results.csv")
+    assert json.loads((tmp_path / "runs" / "x" / "config.json").read_text())["device"] == DEVICE
     assert sorted(rows["round"].unique()) == [0, 1] and not (tmp_path / "results").exists()
     assert "finished in" in ran[1] and " s; outputs in runs/x/" in ran[1]  # seconds, under a minute
     assert misspelt[1].strip().splitlines() == [

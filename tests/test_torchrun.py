@@ -1,6 +1,7 @@
 """torchrun: trials sharded over processes (CPU, gloo) give the single process's outputs, byte for
 byte; a stopped job resumes per rank; a failed rank fails the job and is named."""
 
+import json
 import os
 import re
 import signal
@@ -101,6 +102,9 @@ def test_torchrun_with_one_process_joins_a_group_of_one_and_writes_what_one_proc
     assert proc.returncode == 0, err
     for name in ("results.csv", "curves.csv", "masks.pt"):
         assert (tmp_path / "alone" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    recorded = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("alone", "one")]
+    assert [r["process_group"] for r in recorded] == ["gloo", None]  # it joined a group; one process does not
+    assert recorded[0]["cuda_graphs_by_rank"] == ["off: the CPU"] and "cuda_graphs_by_rank" not in recorded[1]
 
 
 def test_a_failed_rank_fails_the_job_names_the_rank_and_leaves_only_whole_files(tmp_path):

@@ -88,11 +88,61 @@ def test_a_run_with_the_new_controls_writes_their_rows_figures_and_paired_table(
     assert "Test accuracy (%) before training" in table
 
 
+def test_with_a_validation_split_the_supermask_level_is_picked_on_validation_images(tmp_path, mnist):
+    out = tmp_path / "val"
+    assert (
+        lot.main([*TINY, "--controls", "reinit,constant", "--val-size", "100", "--trials", "2", "--out", str(out)]) == 0
+    )
+    rows = pd.read_csv(out / "results.csv")
+    _, val_index = lot.validation_split(0, 2, 600, 100)
+    for trial in (0, 1):
+        images, labels = mnist[0].x[val_index[trial]], mnist[0].y[val_index[trial]]
+        with torch.no_grad():
+            by_hand = lot.load_ticket(out, round=1, trial=trial)(images).argmax(1) == labels
+        row = rows[(rows["round"] == 1) & (rows.variant == "ticket") & (rows.trial == trial)]
+        assert row.untrained_val_acc.item() == pytest.approx(100.0 * by_hand.float().mean().item(), abs=0.011)
+    table = (out / "signs.md").read_text()
+    assert "picked by the validation images' accuracy before training" in table and "optimistic" not in table
+
+
+def test_a_level_picked_on_the_test_set_says_it_is_optimistic_and_accuracy_intervals_stay_in_0_to_100(zhou_run):
+    assert (
+        "picked by this same test accuracy: the best of every round, an optimistic figure"
+        in (zhou_run / "signs.md").read_text()
+    )
+    assert lot.interval_cell([99.9, 99.5, 92.0], ".2f", lot.ACCURACY).endswith(", 100.00]")
+    assert lot.interval_cell([0.1, 0.5, 8.0], ".2f", lot.ACCURACY).startswith("2.87 [0.00, ")
+    assert not lot.interval_cell([99.9, 99.5, 92.0], ".2f").endswith(", 100.00]")  # unclipped, it runs past
+
+
 def test_the_controls_on_the_tickets_mask_store_no_masks_of_their_own(zhou_run):
     assert set(lot.load_masks(zhou_run)) == {"fc1", "fc2", "fc3"}
     for variant in ("control", "signs", "constant"):
         with pytest.raises(ValueError, match="no masks of variant"):
             lot.load_ticket(zhou_run, round=1, variant=variant)
+
+
+@pytest.mark.parametrize("variant", ["ticket", "late_rewind"])
+def test_the_criterion_compares_the_trained_weights_with_the_weights_they_rewind_to(variant):
+    # Handed the trained weights twice, same-sign would see no flipped weight and prune by magnitude.
+    cfg = lot.parse_config(["--criterion", "same-sign", "--rewind-to", "1it"])
+    plan = lot.make_plan(cfg, n_train=600)
+    state = lot.fresh_state(cfg)
+    state.rewind_point = [w * 0.5 for w in state.w0]  # the late-rewound ticket's start: W0's signs too
+    start = state.w0 if variant == "ticket" else state.rewind_point
+    big = [w.abs() > w.abs().flatten().quantile(0.7) for w in start[:3]]  # trained: the largest 30% flipped
+    trained = [torch.where(b, -w, w)[0] * 1.1 for b, w in zip(big, start[:3])]
+    stack = lot.LeNetStack(len(plan.names), len(plan.names), torch.device("cpu"))
+    stack.load(lot.stack_members([trained + [b[0] for b in start[3:]]] * len(plan.names), torch.device("cpu")))
+    state.round = 1
+    lot.begin_round(plan, state, stack, lot.generators(state.control_rng))
+    kept = [p[0] > 1 for p in state.pruned_at[variant]]
+    full = [torch.ones_like(m) for m in kept]
+    expected = lot.prune(cfg, trained, [w[0] for w in start[:3]], full)
+    assert all(torch.equal(k, e) for k, e in zip(kept, expected))
+    assert all((b[0] | k).all() for k, b in zip(kept, big))  # only flipped weights went (20% of 30% flipped)
+    by_magnitude = lot.prune(cfg, trained, trained, full)  # what the same criterion sees given no W0
+    assert not any(torch.equal(k, m) for k, m in zip(kept, by_magnitude))
 
 
 def test_a_default_run_has_no_untrained_column(tmp_path):
