@@ -2684,13 +2684,45 @@ def at_init_markdown(rows: pd.DataFrame) -> str:
     present = set(rows.variant)
     pairs = [(m, b) for m in AT_INIT for b in ("ticket", "random", f"{m}-shuffled") if {m, b} <= present]
     table = paired_markdown(rows, pairs, "(the masks found at W0, on W0)")
-    return table + "\n" + (collapse_note(rows) or "No member's mask left a layer without weights.") + "\n"
+    collapse = collapse_note(rows) or "No member's mask left a layer without weights."
+    return table + "\n" + collapse + "\n\n" + AT_INIT_METHOD
+
+
+AT_INIT_METHOD = """## How each mask is found
+
+Every mask keeps exactly the ticket's count of weights in its round, ranked across the three layers (under
+`--scope layer`: at the ticket's per-layer counts), ties by position. Biases are never pruned; nothing is
+trained before scoring. Scores are computed on the CPU on one thread in float64: every device and torchrun
+find the same masks.
+
+- SNIP (Lee et al., 2019): keeps the highest |dL/dw * w|, L the cross-entropy at W0 on 100 training images,
+  the first 10 of each class in the trial's training split (never a validation image), the same every round.
+  One score per trial, lower thresholds each round: its masks nest.
+- GraSP (Wang et al., 2020): the score -w * Hg on those images, logits divided by the authors' temperature
+  200, Hg by double backprop; removes the highest scores, as the authors' code does. Its masks nest.
+- SynFlow (Tanaka et al., 2020): no data. Every parameter, biases too, replaced by its absolute value; R the
+  sum of the logits of an all-ones input; score |dR/dw * w|; 100 pruning steps a round on an exponential
+  schedule down to the round's count, so its masks need not nest.
+- `-shuffled`: the method's mask permuted within each layer (the same per-layer counts) from its own seeded
+  stream, trained from W0. `-reinit`: the method's mask with a fresh init. For the ticket these two are the
+  `random` and `reinit` controls. A shuffle or reinit without its method is allowed; under `--scope layer` a
+  shuffle is `random` by construction.
+
+Departures from the authors' code: scores are of W0 as it is (GraSP's code draws a fresh Glorot init
+first); GraSP scores 100 images (10 per class; its code 25 per class) as one batch, not two halves summed
+(which scales g and Hg by 2 each: the same ranking); every method keeps exactly the ticket's count, ties by
+position (GraSP's code keeps a weight equal to its threshold; SynFlow's removes every weight tied at it);
+SynFlow runs in float64 (its code: float32).
+"""
 
 
 def collapse_note(rows: pd.DataFrame) -> str:
     """One sentence naming each variant whose mask left a layer with no weights (which then passes
     no signal: layer collapse), the layer, the first round and how many trials; '' if none."""
-    empty = rows[[f"{n}_pct" for n in LAYERS]].eq(0)
+    shares = [f"{n}_pct" for n in LAYERS]
+    if not set(shares) <= set(rows.columns):  # a table without per-layer shares cannot show a collapse
+        return ""
+    empty = rows[shares].eq(0)
     if not empty.any(axis=None):
         return ""
     hit = rows[empty.any(axis=1)].assign(
@@ -2792,6 +2824,67 @@ def instability_markdown(rows: pd.DataFrame) -> str:
         "(same mask, start and optimiser, another data order), minus the mean of the two ends' errors, in "
         f"percentage points, on the test set and on {PATH_TRAIN:,} training images{spread}. Stable: under "
         f"{STABLE_BELOW:g} points.\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def stability_verdicts(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (round, variant): mean test accuracy and test instability over trials (a trial's reinit
+    draws averaged first), and Frankle et al. (2020)'s two verdicts: matching (mean test accuracy at
+    least the dense network's mean minus one sd over trials; the dense network is round 0's ticket)
+    and stable (mean instability under STABLE_BELOW points)."""
+    values = per_trial(rows, ["round", "variant", "trial"], ["weights_pct", "test_acc", "instability"])
+    dense = values[(values["round"] == 0) & (values.variant == "ticket")].test_acc
+    bar = dense.mean() - (dense.std() if len(dense) > 1 else 0.0)
+    verdicts = values.groupby(["round", "variant"], sort=False).agg(
+        weights_pct=("weights_pct", "mean"), test_acc=("test_acc", "mean"), instability=("instability", "mean")
+    )
+    verdicts["matching"] = verdicts.test_acc >= bar
+    verdicts["stable"] = verdicts.instability < STABLE_BELOW
+    return verdicts.reset_index()
+
+
+def stability_markdown(rows: pd.DataFrame) -> str:
+    """stability.md: per round, every variant's test instability, mean [95% t-interval], and its
+    verdicts; then, per variant, how many levels are matching against how many are stable, which
+    tests the paper's central claim (a subnetwork is matching only where it is stable)."""
+    values = per_trial(rows, ["round", "variant", "trial"], ["instability"])
+    verdicts = stability_verdicts(rows).set_index(["round", "variant"])
+    shown = [v for v in LABELS if v in set(rows.variant)]
+    trials = rows.trial.nunique()
+    header = ["Round", "Weights Remaining", *(LABELS[v] for v in shown)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    for rnd in sorted(set(rows["round"])):
+        cells = [str(rnd), f"{verdicts.weights_pct[rnd, 'ticket']:.2f}%"]
+        for v in shown:
+            mine = values[(values["round"] == rnd) & (values.variant == v)].instability
+            verdict = verdicts.loc[(rnd, v)]
+            marks = ("M" if verdict.matching else "-") + ("S" if verdict.stable else "-")
+            cells.append(f"{interval_cell(mine.tolist(), '.2f', bounds=(0.0, 100.0))} {marks}")
+        lines.append("| " + " | ".join(cells) + " |")
+    counts = ["| Variant | matching, stable | matching, unstable | not matching, stable | not matching, unstable |"]
+    counts.append("|---|---:|---:|---:|---:|")
+    for v in shown:
+        mine = verdicts.xs(v, level="variant")
+        cells = [int((mine.matching == m).mul(mine.stable == s).sum()) for m in (True, False) for s in (True, False)]
+        counts.append(f"| {LABELS[v]} | " + " | ".join(map(str, cells)) + " |")
+    against = verdicts[verdicts.matching & ~verdicts.stable]
+    claim = (
+        "The claim holds here: no level of any variant is matching and unstable."
+        if against.empty
+        else "The claim fails here at: "
+        + ", ".join(f"{LABELS[v]} at {verdicts.weights_pct[r, v]:.2f}%" for r, v in against.index)
+        + "."
+    )
+    spread = f"mean [95% confidence interval: Student-t, df = {trials - 1}]" if trials > 1 else "one trial"
+    return (
+        "# Instability analysis\n\n"
+        "Test instability (Frankle et al. 2020): the highest test error on the straight line between a member and "
+        "its twin (same mask, start and optimiser, another data order), minus the mean of the two ends' errors, "
+        f"in percentage points; {spread}. M: matching, the mean test accuracy at least the dense network's mean "
+        "minus one standard deviation over trials (the dense network: round 0's ticket). S: stable, the mean "
+        f"instability under {STABLE_BELOW:g} points.\n\n" + "\n".join(lines) + "\n\n"
+        "Levels (rounds) of each variant, matching against stable:\n\n" + "\n".join(counts) + "\n\n"
+        "The paper's central claim: a subnetwork is matching only where it is stable. " + claim + "\n"
     )
 
 
@@ -3143,6 +3236,7 @@ def write_outputs(rows: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
         figures.append(out / "test_acc_over_iterations.png")
         plot_over_iterations(pd.read_csv(out / "validation.csv"), rows, figures[-1])
     if "instability" in rows:
+        write_text(out / "stability.md", stability_markdown(rows))
         figures += stability_figures(rows, out)
     figures.append(out / "layers.png")
     plot_layers(rows, figures[-1])
@@ -3205,6 +3299,7 @@ OUTPUT_FILES = (
     "transfer.csv",
     "transfer.png",
     "stability.csv",
+    "stability.md",
     "instability.png",
     "interpolation.png",
     CHECKPOINT,

@@ -1,8 +1,11 @@
 """Shared fixtures: the script under test, real MNIST from data/, and small synthetic data."""
 
+import atexit
 import functools
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,30 @@ def synthetic_npz(tmp_path):
 
 
 TINY = ["--train-subset", "600", "--rounds", "2", "--epochs", "2"]  # a real run of a few seconds
+
+
+def _small_mnist(train: int = 2000, test: int = 1000) -> Path:
+    """Real MNIST, the first 2,000 training and 1,000 test images, as an npz in a temporary folder:
+    for runs whose cost is evaluation (paths of 30 networks, torchrun jobs), where the full test set
+    would make the suite ten times slower and prove nothing more."""
+    folder = Path(tempfile.mkdtemp(prefix="lot_small_mnist_"))
+    with np.load(MNIST_NPZ) as full:
+        arrays = {
+            k: full[k][: train if k.endswith("train") else test] for k in ("x_train", "y_train", "x_test", "y_test")
+        }
+    np.savez(folder / "mnist.npz", **arrays)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder / "mnist.npz"
+
+
+SMALL_NPZ = _small_mnist()
+SMALL = ["--data-dir", str(SMALL_NPZ)]  # the flag that points a run at it
+
+
+@pytest.fixture(scope="session")
+def small_mnist():
+    """SMALL_NPZ's (train, test) Splits on the CPU, as a run given SMALL loads them."""
+    return lot.load_mnist(str(SMALL_NPZ), torch.device("cpu"))
 
 
 def refused(argv: list[str], capsys, out) -> str:

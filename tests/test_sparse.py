@@ -10,12 +10,12 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, lot, refused
+from conftest import ROOT, SMALL, lot, refused
 
 from benchmarks.epoch_throughput import STEP_FLOP_PER_SAMPLE
 
 # 10 steps an epoch; under 20% of the weights are left from round 8 (16.8%): rounds 8 and 9 run sparse.
-SPARSE_RUN = ["--train-subset", "600", "--epochs", "2", "--rounds", "9", "--device", "cpu"]
+SPARSE_RUN = ["--train-subset", "600", "--epochs", "2", "--rounds", "9", "--device", "cpu", *SMALL]
 # PyTorch's CSR products use MKL; builds without it (macOS, aarch64) train fc1 dense.
 needs_mkl = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this PyTorch has no MKL")
 
@@ -197,7 +197,7 @@ def test_the_whole_run_benchmark_reports_every_round_against_the_floor_of_the_sa
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "benchmarks/run_vs_floor.py", "--repeats", "1", "--json", str(out)]
     proc = subprocess.run(
-        [*cmd, "--", "--train-subset", "600", "--rounds", "2"], cwd=ROOT, capture_output=True, text=True
+        [*cmd, "--", "--train-subset", "600", "--rounds", "2", *SMALL], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(out.read_text())

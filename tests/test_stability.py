@@ -12,9 +12,9 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, SCRIPT, lot
+from conftest import ROOT, SCRIPT, SMALL, lot
 
-RUN = ["--train-subset", "600", "--rounds", "1", "--epochs", "1", "--stability"]
+RUN = ["--train-subset", "600", "--rounds", "1", "--epochs", "1", "--stability", *SMALL]
 FILES = ("results.csv", "curves.csv", "masks.pt", "stability.csv")
 
 
@@ -49,8 +49,8 @@ def twin_run(tmp_path_factory):
     return out
 
 
-def test_the_path_is_the_interpolated_network_evaluated_by_hand_and_its_ends_are_member_and_twin(twin_run, mnist):
-    train, test = mnist
+def test_the_path_is_the_interpolated_network_evaluated_by_hand_and_its_ends_are_member_and_twin(twin_run, small_mnist):
+    train, test = small_mnist
     state, _ = lot.load_checkpoint(twin_run)
     params = state.params  # round 1's trained weights: ticket, control, then their twins
     assert params[0].shape[0] == 4
@@ -60,8 +60,8 @@ def test_the_path_is_the_interpolated_network_evaluated_by_hand_and_its_ends_are
     for i, a in enumerate(alphas.tolist()):
         line = [(1 - a) * p[:2] + a * p[2:] for p in params]  # every parameter, biases too
         for s, data in enumerate((test, probe)):
-            # A different computation of the same maths: a handful of images may flip, not more.
-            assert engine[s, :, i].tolist() == pytest.approx(by_hand_error(line, data, [0, 1]), abs=0.05)
+            # A different computation of the same maths: an image or two of 1,000 may flip, not more.
+            assert engine[s, :, i].tolist() == pytest.approx(by_hand_error(line, data, [0, 1]), abs=0.25)
     # The ends in stability.csv: the member's own recorded test error, and the twin's own.
     paths = pd.read_csv(twin_run / "stability.csv")
     rows = pd.read_csv(twin_run / "results.csv")
@@ -71,7 +71,7 @@ def test_the_path_is_the_interpolated_network_evaluated_by_hand_and_its_ends_are
         assert curve.alpha.tolist() == pytest.approx(torch.linspace(0, 1, 30).tolist(), abs=1e-6)
         recorded = rows[(rows["round"] == 1) & (rows.variant == variant)].test_acc.item()
         assert curve.error.iloc[0] == pytest.approx(100 - recorded, abs=0.006)
-        assert curve.error.iloc[-1] == pytest.approx(twins[m], abs=0.05)
+        assert curve.error.iloc[-1] == pytest.approx(twins[m], abs=0.25)
         assert curve.error.iloc[-1] != pytest.approx(curve.error.iloc[0], abs=1e-3)  # the twin is another network
         errors = curve.error.tolist()
         barrier = max(errors) - (errors[0] + errors[-1]) / 2
@@ -101,7 +101,7 @@ def test_twins_start_where_their_members_start_and_draw_other_batches(mnist):
 
 
 def test_a_members_numbers_are_the_same_with_and_without_twins(tmp_path, few_points):
-    run = ["--train-subset", "300", "--rounds", "2", "--epochs", "1", "--trials", "2"]
+    run = ["--train-subset", "300", "--rounds", "2", "--epochs", "1", "--trials", "2", *SMALL]
     run += ["--controls", "reinit,random", "--reinit-draws", "2"]
     assert lot.main([*run, "--out", str(tmp_path / "alone")]) == 0
     assert lot.main([*run, "--stability", "--out", str(tmp_path / "twins")]) == 0
@@ -116,6 +116,7 @@ def test_a_members_numbers_are_the_same_with_and_without_twins(tmp_path, few_poi
     summary = (tmp_path / "twins" / "summary.md").read_text()
     assert "Instability" in summary and "Control train" in summary
     assert (tmp_path / "twins" / "instability.png").exists() and (tmp_path / "twins" / "interpolation.png").exists()
+    assert "The paper's central claim" in (tmp_path / "twins" / "stability.md").read_text()
 
 
 class PauseAfter:
@@ -139,6 +140,7 @@ def test_paused_mid_round_and_resumed_twice_a_run_with_twins_ends_byte_identical
         "--trials",
         "2",
         "--stability",
+        *SMALL,
     ]  # 10 steps an epoch
     assert lot.main([*run, "--out", str(tmp_path / "ref")]) == 0
     out, resume = tmp_path / "out", []
@@ -159,7 +161,7 @@ def test_a_resume_that_adds_or_drops_stability_is_refused_and_names_it(
     tmp_path, capsys, few_points, first, then, message
 ):
     out = tmp_path / "out"
-    base = ["--train-subset", "120", "--rounds", "1", "--epochs", "1", "--out", str(out)]
+    base = ["--train-subset", "120", "--rounds", "1", "--epochs", "1", *SMALL, "--out", str(out)]
     assert lot.main([*base, *first]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
@@ -170,18 +172,18 @@ def test_a_resume_that_adds_or_drops_stability_is_refused_and_names_it(
 
 
 def test_the_sparse_engine_trains_twins_to_the_dense_engines_numbers(tmp_path, few_points):
-    run = ["--train-subset", "300", "--rounds", "3", "--prune-rate", "0.5", "--epochs", "1", "--stability"]
+    run = ["--train-subset", "300", "--rounds", "3", "--prune-rate", "0.5", "--epochs", "1", "--stability", *SMALL]
     assert lot.main([*run, "--sparse", "--out", str(tmp_path / "csr")]) == 0  # round 3: 12.5% left, sparse
     assert lot.main([*run, "--no-sparse", "--out", str(tmp_path / "dense")]) == 0
     assert json.loads((tmp_path / "csr" / "config.json").read_text())["fc1_csr_rounds"] == [3]
     csr, dense = (pd.read_csv(tmp_path / d / "stability.csv") for d in ("csr", "dense"))
     assert len(csr) == len(dense) == 4 * 2 * 2 * 3
-    # Float rounding apart, the same training: a few test images of 10,000 may flip, not more.
+    # Float rounding apart, the same training: a few test images of 1,000 may flip, not more.
     assert (csr.error - dense.error).abs().max() < 0.5
 
 
 def test_torchrun_with_twins_writes_what_one_process_writes(tmp_path):
-    run = ["--train-subset", "120", "--rounds", "1", "--epochs", "1", "--trials", "2", "--stability"]
+    run = ["--train-subset", "120", "--rounds", "1", "--epochs", "1", "--trials", "2", "--stability", *SMALL]
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     one = subprocess.run(
         [sys.executable, str(SCRIPT), *run, "--out", str(tmp_path / "one")], cwd=ROOT, env=env, capture_output=True
@@ -197,3 +199,26 @@ def test_torchrun_with_twins_writes_what_one_process_writes(tmp_path):
     assert two.returncode == 0, two.stderr
     for name in FILES:
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_stability_md_calls_a_level_matching_within_one_sd_of_dense_and_stable_under_two_points():
+    # Dense (round 0's ticket) over three trials: 98.0, 98.2, 98.4: mean 98.2, sd 0.2, so the bar is 98.0.
+    acc = {("ticket", 0): 98.2, ("control", 0): 98.2, ("ticket", 1): 98.05, ("control", 1): 97.95}
+    inst = {("ticket", 0): 0.5, ("control", 0): 2.5, ("ticket", 1): 1.9, ("control", 1): 2.1}
+    rows = pd.DataFrame(
+        [
+            {"trial": t, "round": r, "variant": v, "weights_pct": 100.0 - 20 * r}
+            | {"test_acc": acc[v, r] + (t - 1) * 0.2, "instability": inst[v, r] + (t - 1) * 0.1}
+            for t in range(3)
+            for r in (0, 1)
+            for v in ("ticket", "control")
+        ]
+    )
+    verdicts = lot.stability_verdicts(rows).set_index(["round", "variant"])
+    keys = [(0, "ticket"), (0, "control"), (1, "ticket"), (1, "control")]
+    assert [verdicts.matching[k] for k in keys] == [True, True, True, False]  # 97.95 < 98.0 <= 98.05
+    assert [verdicts.stable[k] for k in keys] == [True, False, True, False]  # 1.9 < 2 <= 2.1
+    table = lot.stability_markdown(rows)
+    assert "| 1 | 80.00% | 1.90 [1.65, 2.15] MS | 2.10 [1.85, 2.35] -- |" in table
+    assert "| Control | 0 | 1 | 0 | 1 |" in table  # round 0 matching but unstable, round 1 neither
+    assert "The claim fails here at: Control at 100.00%." in table

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import lot, refused
+from conftest import SMALL, lot, refused
 
 TINY = ["--train-subset", "1200", "--rounds", "2", "--epochs", "2"]
 
@@ -98,7 +98,7 @@ def test_an_epoch_that_ends_on_an_evaluation_reuses_it_instead_of_testing_twice(
 
 def test_early_stop_iteration_is_the_argmin_of_the_recorded_validation_losses(tmp_path):
     out = tmp_path / "es"
-    assert lot.main([*TINY, "--trials", "2", "--val-size", "200", "--eval-every", "5", "--out", str(out)]) == 0
+    assert lot.main([*TINY, *SMALL, "--trials", "2", "--val-size", "200", "--eval-every", "5", "--out", str(out)]) == 0
     rows, evals = pd.read_csv(out / "results.csv"), pd.read_csv(out / "validation.csv")
     steps = 2 * math.ceil(1000 / 60)  # two epochs of the 1,000 training images
     assert sorted(evals.iteration.unique()) == [*range(5, steps, 5), steps]  # and the round's end

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, SCRIPT, lot
+from conftest import ROOT, SCRIPT, SMALL, lot
 
 FILES = ("results.csv", "curves.csv", "masks.pt", "validation.csv")
 # 3 trials on 2 ranks (shards of 2 and 1): 12 members in one process, at most 8 on a rank. Small
@@ -38,6 +38,7 @@ RUN = [
     "100",
     "--eval-every",
     "50",
+    *SMALL,
 ]
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -95,7 +96,7 @@ def test_a_job_stopped_and_resumed_on_two_processes_writes_exactly_what_one_proc
 
 def test_torchrun_with_one_process_joins_a_group_of_one_and_writes_what_one_process_writes(tmp_path):
     # A one-GPU box runs the multi-GPU recipe so; on a GPU this is NCCL with a group of one.
-    run = ["--train-subset", "120", "--rounds", "1", "--epochs", "1", "--trials", "2"]
+    run = ["--train-subset", "120", "--rounds", "1", "--epochs", "1", "--trials", "2", *SMALL]
     single(tmp_path / "one", run)
     proc = torchrun(*run, "--out", str(tmp_path / "alone"), nproc=1)
     _, err = proc.communicate(timeout=300)

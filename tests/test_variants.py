@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, lot, refused
+from conftest import SMALL, TINY, lot, refused
 from test_model import random_stack
 from torch import nn
 
@@ -202,7 +202,7 @@ def test_presets_resolve_to_the_documented_settings_and_explicit_flags_win():
 
 def test_every_variant_flag_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "all"
-    flags = [*TINY, "--controls", "reinit,random", "--oneshot", "--rewind-to", "5it", "--trials", "2"]
+    flags = [*TINY, *SMALL, "--controls", "reinit,random", "--oneshot", "--rewind-to", "5it", "--trials", "2"]
     trained_on, real = [], lot.train_on_masks  # each round's stacked masks, as the optimiser got them
     monkeypatch.setattr(lot, "train_on_masks", lambda opt, masks: trained_on.append(masks) or real(opt, masks))
     assert lot.main([*flags, "--out", str(out)]) == 0
@@ -229,7 +229,7 @@ def test_every_variant_flag_end_to_end(tmp_path, monkeypatch):
 
 def test_paper_preset_end_to_end_with_layer_rates_adam_iterations_and_early_stopping(tmp_path):
     out = tmp_path / "paper"
-    flags = ["--preset", "paper", "--train-subset", "600", "--val-size", "100", "--eval-every", "5"]
+    flags = ["--preset", "paper", "--train-subset", "600", "--val-size", "100", "--eval-every", "5", *SMALL]
     assert lot.main([*flags, "--iterations", "25", "--rounds", "2", "--reinit-draws", "2", "--out", str(out)]) == 0
     rows = pd.read_csv(out / "results.csv")
     last = rows[(rows["round"] == 2) & (rows.variant == "ticket")].iloc[0]
@@ -243,7 +243,7 @@ def test_paper_preset_end_to_end_with_layer_rates_adam_iterations_and_early_stop
 
 def test_several_reinit_draws_are_fresh_inits_of_one_mask_and_the_summary_averages_them(tmp_path):
     out = tmp_path / "draws"
-    assert lot.main([*TINY, "--trials", "2", "--reinit-draws", "3", "--out", str(out)]) == 0
+    assert lot.main([*TINY, *SMALL, "--trials", "2", "--reinit-draws", "3", "--out", str(out)]) == 0
     rows = pd.read_csv(out / "results.csv")
     controls = rows[rows.variant == "control"]
     assert sorted(controls.draw.unique()) == [0, 1, 2] and len(controls) == 2 * 3 * 3
@@ -265,7 +265,7 @@ def test_the_paper_figures_levels_map_to_the_rounds_of_its_layerwise_schedule():
 
 
 def test_a_run_with_every_variant_paused_anywhere_resumes_byte_identical(tmp_path, monkeypatch):
-    flags = [*TINY, "--controls", "reinit,random", "--oneshot", "--rewind-to", "13it", "--batch-size", "30"]
+    flags = [*TINY, *SMALL, "--controls", "reinit,random", "--oneshot", "--rewind-to", "13it", "--batch-size", "30"]
     assert lot.main([*flags, "--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "paused"
     real = lot.train_epoch

@@ -8,10 +8,10 @@ import signal
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, lot, refused
+from conftest import SMALL, TINY, lot, refused
 from test_training import half_masks
 
-RUN = [*TINY, "--controls", "reinit,signs,constant", "--criterion", "same-sign"]
+RUN = [*TINY, *SMALL, "--controls", "reinit,signs,constant", "--criterion", "same-sign"]
 
 
 @pytest.mark.parametrize("init", ["kaiming-uniform", "xavier-normal"])
@@ -53,8 +53,8 @@ def zhou_run(tmp_path_factory):
     return out
 
 
-def test_untrained_acc_is_the_test_accuracy_of_w0_on_the_mask_evaluated_by_hand(zhou_run, mnist):
-    rows, test = pd.read_csv(zhou_run / "results.csv"), mnist[1]
+def test_untrained_acc_is_the_test_accuracy_of_w0_on_the_mask_evaluated_by_hand(zhou_run, small_mnist):
+    rows, test = pd.read_csv(zhou_run / "results.csv"), small_mnist[1]
     w0, masks = torch.load(zhou_run / "tickets.pt", weights_only=True), lot.load_masks(zhou_run)
 
     def recorded(rnd, variant):
@@ -73,7 +73,7 @@ def test_untrained_acc_is_the_test_accuracy_of_w0_on_the_mask_evaluated_by_hand(
             constant = lot.lenet_forward(test.x[None], [w[None] for w in constant[:3]], [b[None] for b in constant[3:]])
         for variant, logits in (("ticket", ticket), ("constant", constant[2][0])):
             by_hand = 100.0 * (logits.argmax(1) == test.y).float().mean().item()
-            assert recorded(rnd, variant) == pytest.approx(by_hand, abs=0.011), (rnd, variant)
+            assert recorded(rnd, variant) == pytest.approx(by_hand, abs=0.11), (rnd, variant)  # an image of 1,000
 
 
 def test_a_run_with_the_new_controls_writes_their_rows_figures_and_paired_table(zhou_run):
@@ -88,15 +88,18 @@ def test_a_run_with_the_new_controls_writes_their_rows_figures_and_paired_table(
     assert "Test accuracy (%) before training" in table
 
 
-def test_with_a_validation_split_the_supermask_level_is_picked_on_validation_images(tmp_path, mnist):
+def test_with_a_validation_split_the_supermask_level_is_picked_on_validation_images(tmp_path, small_mnist):
     out = tmp_path / "val"
     assert (
-        lot.main([*TINY, "--controls", "reinit,constant", "--val-size", "100", "--trials", "2", "--out", str(out)]) == 0
+        lot.main(
+            [*TINY, *SMALL, "--controls", "reinit,constant", "--val-size", "100", "--trials", "2", "--out", str(out)]
+        )
+        == 0
     )
     rows = pd.read_csv(out / "results.csv")
     _, val_index = lot.validation_split(0, 2, 600, 100)
     for trial in (0, 1):
-        images, labels = mnist[0].x[val_index[trial]], mnist[0].y[val_index[trial]]
+        images, labels = small_mnist[0].x[val_index[trial]], small_mnist[0].y[val_index[trial]]
         with torch.no_grad():
             by_hand = lot.load_ticket(out, round=1, trial=trial)(images).argmax(1) == labels
         row = rows[(rows["round"] == 1) & (rows.variant == "ticket") & (rows.trial == trial)]
