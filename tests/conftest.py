@@ -4,6 +4,7 @@ import atexit
 import functools
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -74,6 +75,21 @@ SMALL = ["--data-dir", str(SMALL_NPZ)]  # the flag that points a run at it
 def small_mnist():
     """SMALL_NPZ's (train, test) Splits on the CPU, as a run given SMALL loads them."""
     return lot.load_mnist(str(SMALL_NPZ), torch.device("cpu"))
+
+
+def pause_at_epoch(monkeypatch, n: int):
+    """From now on the n-th call of lot.train_epoch raises SIGINT first: the run finishes that step,
+    checkpoints and exits 130. Returns the real train_epoch, to put back."""
+    calls, real = [], lot.train_epoch
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lot, "train_epoch", interrupted)
+    return real
 
 
 def refused(argv: list[str], capsys, out) -> str:

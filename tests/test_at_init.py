@@ -3,12 +3,10 @@ score equals a computation by hand on a tiny network, the masks keep the ticket'
 keep each layer's count and move its weights, and the new controls resume and shard over torchrun
 to the same bytes."""
 
-import signal
-
 import pandas as pd
 import pytest
 import torch
-from conftest import SMALL, lot, refused
+from conftest import SMALL, lot, pause_at_epoch, refused
 from test_torchrun import ENV, torchrun
 
 # One run shared by the tests that read outputs, the resumed run and the torchrun job: 2 trials of 6
@@ -271,15 +269,7 @@ def test_a_run_with_the_methods_paused_inside_round_1_resumes_to_the_same_bytes(
     at_init_run, tmp_path, monkeypatch, one_thread
 ):
     # Calls: round 0, then round 1: the 2nd pauses round 1 after its first step, its masks found.
-    out, calls, real = tmp_path / "paused", [], lot.train_epoch
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lot, "train_epoch", interrupted)
+    out, real = tmp_path / "paused", pause_at_epoch(monkeypatch, 2)
     assert lot.main([*RUN, "--out", str(out)]) == 130
     state, _ = lot.load_checkpoint(out)
     assert (state.round, state.epoch, state.step) == (1, 1, 1) and state.at_init["synflow"][0].shape[1] == 2

@@ -1,13 +1,12 @@
 """The paper's other experiments, as flags: each variant keeps its defining invariant."""
 
 import math
-import signal
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SMALL, TINY, lot, refused
+from conftest import SMALL, TINY, lot, pause_at_epoch, refused
 from test_model import random_stack
 from torch import nn
 
@@ -273,17 +272,9 @@ def test_a_run_with_every_variant_paused_anywhere_resumes_byte_identical(tmp_pat
     # point (13 of 20 steps); then (13.., ..20, epoch 2) round 0 epoch 2; then (rest, r1e1, r1e2,
     # r2e1) round 2, by when the one-shot and late-rewind tickets have their own masks.
     for pause_at in (1, 3, 4):
-        calls = []
-
-        def interrupted(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == pause_at:
-                signal.raise_signal(signal.SIGINT)
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(lot, "train_epoch", interrupted)
+        pause_at_epoch(monkeypatch, pause_at)
         assert lot.main([*flags, "--out", str(out), *(["--resume"] if pause_at > 1 else [])]) == 130
-    monkeypatch.setattr(lot, "train_epoch", real)
+        monkeypatch.setattr(lot, "train_epoch", real)
     assert lot.main([*flags, "--out", str(out), "--resume"]) == 0
     for name in ("results.csv", "curves.csv", "masks.pt"):
         assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name

@@ -3,12 +3,11 @@ say, untrained_acc is an evaluation of each member's starting weights on its mas
 work with resuming and refuse what they cannot honour."""
 
 import math
-import signal
 
 import pandas as pd
 import pytest
 import torch
-from conftest import SMALL, TINY, lot, refused
+from conftest import SMALL, TINY, lot, pause_at_epoch, refused
 from test_training import half_masks
 
 RUN = [*TINY, *SMALL, "--controls", "reinit,signs,constant", "--criterion", "same-sign"]
@@ -156,15 +155,7 @@ def test_a_default_run_has_no_untrained_column(tmp_path):
 
 def test_a_run_with_the_new_flags_paused_inside_round_1_resumes_to_the_same_bytes(zhou_run, tmp_path, monkeypatch):
     # Calls: round 0 epochs 1, 2, round 1 epochs 1, 2: the 4th pauses round 1 after its untrained evaluation.
-    out, calls, real = tmp_path / "paused", [], lot.train_epoch
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            signal.raise_signal(signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lot, "train_epoch", interrupted)
+    out, real = tmp_path / "paused", pause_at_epoch(monkeypatch, 4)
     assert lot.main([*RUN, "--out", str(out)]) == 130
     monkeypatch.setattr(lot, "train_epoch", real)
     assert lot.main([*RUN, "--out", str(out), "--resume"]) == 0
