@@ -203,22 +203,26 @@ def test_torchrun_with_twins_writes_what_one_process_writes(tmp_path):
 
 def test_stability_md_calls_a_level_matching_within_one_sd_of_dense_and_stable_under_two_points():
     # Dense (round 0's ticket) over three trials: 98.0, 98.2, 98.4: mean 98.2, sd 0.2, so the bar is 98.0.
-    acc = {("ticket", 0): 98.2, ("control", 0): 98.2, ("ticket", 1): 98.05, ("control", 1): 97.95}
+    acc = {("ticket", 0): 98.2, ("control", 0): 98.2, ("ticket", 1): 98.05, ("control", 1): 98.05}
+    acc |= {("ticket", 2): 98.05, ("control", 2): 97.95}
     inst = {("ticket", 0): 0.5, ("control", 0): 2.5, ("ticket", 1): 1.9, ("control", 1): 2.1}
+    inst |= {("ticket", 2): 0.3, ("control", 2): 3.0}
     rows = pd.DataFrame(
         [
             {"trial": t, "round": r, "variant": v, "weights_pct": 100.0 - 20 * r}
             | {"test_acc": acc[v, r] + (t - 1) * 0.2, "instability": inst[v, r] + (t - 1) * 0.1}
             for t in range(3)
-            for r in (0, 1)
+            for r in (0, 1, 2)
             for v in ("ticket", "control")
         ]
     )
     verdicts = lot.stability_verdicts(rows).set_index(["round", "variant"])
-    keys = [(0, "ticket"), (0, "control"), (1, "ticket"), (1, "control")]
-    assert [verdicts.matching[k] for k in keys] == [True, True, True, False]  # 97.95 < 98.0 <= 98.05
-    assert [verdicts.stable[k] for k in keys] == [True, False, True, False]  # 1.9 < 2 <= 2.1
+    keys = [(r, v) for r in (0, 1, 2) for v in ("ticket", "control")]
+    assert [verdicts.matching[k] for k in keys] == [True, True, True, True, True, False]  # 97.95 < 98.0 <= 98.05
+    assert [verdicts.stable[k] for k in keys] == [True, False, True, False, True, False]  # 1.9 < 2 <= 2.1
     table = lot.stability_markdown(rows)
-    assert "| 1 | 80.00% | 1.90 [1.65, 2.15] MS | 2.10 [1.85, 2.35] -- |" in table
-    assert "| Control | 0 | 1 | 0 | 1 |" in table  # round 0 matching but unstable, round 1 neither
-    assert "The claim fails here at: Control at 100.00%." in table
+    assert "| 1 | 80.00% | 1.90 [1.65, 2.15] MS | 2.10 [1.85, 2.35] M- |" in table
+    # Round 0 is dense: its unstable control is shown but not counted against the claim about subnetworks.
+    assert "| 0 | 100.00% | 0.50 [0.25, 0.75] MS | 2.50 [2.25, 2.75] M- |" in table
+    assert "| Ticket | 2 | 0 | 0 | 0 |" in table and "| Control | 0 | 1 | 0 | 1 |" in table
+    assert "The claim fails here at: Control at 80.00%." in table
