@@ -2867,12 +2867,14 @@ def stability_markdown(rows: pd.DataFrame) -> str:
     counts = ["| Variant | matching, stable | matching, unstable | not matching, stable | not matching, unstable |"]
     counts.append("|---|---:|---:|---:|---:|")
     for v in shown:
-        mine = sparse.xs(v, level="variant")
+        mine = sparse[sparse.index.get_level_values("variant") == v]
         cells = [int((mine.matching == m).mul(mine.stable == s).sum()) for m in (True, False) for s in (True, False)]
         counts.append(f"| {LABELS[v]} | " + " | ".join(map(str, cells)) + " |")
     against = sparse[sparse.matching & ~sparse.stable]
     claim = (
-        "The claim holds here: no sparse level of any variant is matching and unstable."
+        "No sparse level has finished yet."
+        if sparse.empty
+        else "The claim holds here: no sparse level of any variant is matching and unstable."
         if against.empty
         else "The claim fails here at: "
         + ", ".join(f"{LABELS[v]} at {sparse.weights_pct[r, v]:.2f}%" for r, v in against.index)

@@ -226,3 +226,5 @@ def test_stability_md_calls_a_level_matching_within_one_sd_of_dense_and_stable_u
     assert "| 0 | 100.00% | 0.50 [0.25, 0.75] MS | 2.50 [2.25, 2.75] M- |" in table
     assert "| Ticket | 2 | 0 | 0 | 0 |" in table and "| Control | 0 | 1 | 0 | 1 |" in table
     assert "The claim fails here at: Control at 80.00%." in table
+    dense_only = lot.stability_markdown(rows[rows["round"] == 0])  # as written when a run stops in round 1
+    assert "| Control | 0 | 0 | 0 | 0 |" in dense_only and "No sparse level has finished yet." in dense_only
