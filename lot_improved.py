@@ -2419,16 +2419,21 @@ def masks_payload(cfg: Config, state: RunState) -> dict[str, Tensor]:
 
 def pack_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:
     """masks.pt's compact form of masks_payload's bool [trials, rounds, out, in] tensors. Nested
-    masks (each round's inside the last: IMP's, one-shot's) become one small integer per weight,
-    the rounds it survived (mask of round r = survived > r); others (random masks) keep every
-    round, 8 weights a byte, as "<name>.bits" [trials, rounds, ceil(out * in / 8)]. "rounds"
-    holds the number of rounds. load_masks() gives back the bool tensors."""
+    masks (each round's inside the last: IMP's, one-shot's, SNIP's, GraSP's) become one small
+    integer per weight, the rounds it survived (mask of round r = survived > r). Masks that nest
+    but for a few weights (SynFlow's) keep that form, with "<name>.flips" listing the flat positions
+    in [trials, rounds, out * in] where the mask differs from it. Others (random masks) keep every
+    round, 8 weights a byte, as "<name>.bits" [trials, rounds, ceil(out * in / 8)]. "rounds" holds
+    the number of rounds. load_masks() gives back the bool tensors."""
     rounds = next(iter(masks.values())).shape[1]
     packed = {"rounds": torch.tensor(rounds)}
     for name, m in masks.items():
         survived = m.sum(1, dtype=torch.uint8 if rounds < 256 else torch.int16)
-        if torch.equal(survived.unsqueeze(1) > torch.arange(rounds).view(1, -1, 1, 1), m):
+        flips = ((survived.unsqueeze(1) > torch.arange(rounds).view(1, -1, 1, 1)) ^ m).flatten().nonzero().squeeze(1)
+        if not len(flips) or survived.nbytes + flips.nbytes < m.numel() / 8:
             packed[name] = survived
+            if len(flips):
+                packed[f"{name}.flips"] = flips
         else:
             packed[f"{name}.bits"] = pack_bits(m)
     return packed
@@ -2455,8 +2460,10 @@ def unpack_masks(packed: dict[str, Tensor]) -> dict[str, Tensor]:
         if key.endswith(".bits"):
             name = key.removesuffix(".bits")
             masks[name] = unpack_bits(t, SHAPES[LAYERS.index(name.split(".")[-1])])
-        elif key != "rounds":
+        elif key != "rounds" and not key.endswith(".flips"):
             masks[key] = t.unsqueeze(1) > torch.arange(rounds).view(1, -1, 1, 1)
+            if f"{key}.flips" in packed:
+                masks[key].view(-1)[packed[f"{key}.flips"]] ^= True
     return masks
 
 

@@ -229,6 +229,22 @@ def test_masks_pt_holds_each_methods_masks_and_load_ticket_gives_w0_on_them(at_i
         assert "\n" not in str(e.value)
 
 
+def test_masks_that_nest_but_for_a_few_weights_are_stored_as_rounds_survived_and_their_exceptions():
+    g, rounds = torch.Generator().manual_seed(0), 12
+    survived = torch.randint(0, rounds + 1, (2, 300, 784), generator=g, dtype=torch.uint8)
+    nested = survived.unsqueeze(1) > torch.arange(rounds).view(1, -1, 1, 1)
+    almost = nested.clone()  # SynFlow's masks: a weight pruned in one round may come back in a later one
+    almost[1, 7, 5, 9] ^= True
+    almost[0, 11, 0, 0] ^= True
+    random = torch.rand(2, rounds, 300, 784, generator=g) < 0.5
+    masks = {"fc1": nested, "synflow.fc1": almost, "random.fc1": random}
+    packed = lot.pack_masks(masks)
+    assert set(packed) == {"rounds", "fc1", "synflow.fc1", "synflow.fc1.flips", "random.fc1.bits"}
+    assert 2 <= len(packed["synflow.fc1.flips"]) <= 4  # one toggle moves a count by one: two places at most
+    assert packed["synflow.fc1"].dtype == torch.uint8
+    assert all(torch.equal(lot.unpack_masks(packed)[name], m) for name, m in masks.items())
+
+
 def test_a_run_with_the_methods_writes_their_figure_and_paired_table(at_init_run):
     assert (at_init_run / "at_init.png").read_bytes()[:4] == b"\x89PNG"
     table = (at_init_run / "at_init.md").read_text()

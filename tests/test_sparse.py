@@ -59,6 +59,30 @@ def test_sparse_fc1_gives_the_dense_losses_and_gradients_within_float_rounding(m
 
 
 @needs_mkl
+def test_a_member_whose_fc1_is_empty_runs_the_sparse_engine_as_the_dense_one(mnist):
+    # Layer collapse (a mask found at initialisation may empty a layer): no live fc1 weight at all.
+    train = mnist[0]
+    stack, masks = stack_with_masks(0.1)
+    masks[0][1] = False
+    with torch.no_grad():
+        stack.weights[0][1].zero_()
+    x, y = train.x[:120].view(2, 60, -1), train.y[:120].view(2, 60)
+    dense_losses = stack.backprop(x, y)
+    dense_grads = [g.clone() for g in stack.grads()]
+    opt = lot.MaskedSGD(stack, [m.float() for m in masks], lr=0.01, momentum=0.9)
+    sparse = lot.SparseFC1(stack, opt, masks[0], lot.pruning_level(masks))
+    stack.flat_grad.zero_()
+    losses = sparse.backprop(x, y)
+    assert torch.isfinite(losses).all()
+    torch.testing.assert_close(losses, dense_losses, rtol=1e-5, atol=1e-6)
+    for got, want in zip(stack.grads()[1:], dense_grads[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    opt.step()  # an update with nothing live in the member's fc1
+    sparse.sync()
+    assert not stack.weights[0][1].any() and stack.weights[0][0].abs().sum() > 0
+
+
+@needs_mkl
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_a_sparse_step_updates_live_weights_like_the_dense_step_and_never_touches_dead_ones(mnist, optimizer):
     train = mnist[0]
