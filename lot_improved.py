@@ -2686,13 +2686,59 @@ def signs_markdown(rows: pd.DataFrame) -> str:
 
 def at_init_markdown(rows: pd.DataFrame) -> str:
     """Frankle et al. (2021)'s comparisons per round, paired within each trial: each mask found at
-    initialisation against the ticket, the random control and its own shuffle; every member's
+    initialisation against the ticket, the random control and its own shuffle and reinit; every member's
     accuracy before training; and any member whose mask left a layer empty."""
     present = set(rows.variant)
-    pairs = [(m, b) for m in AT_INIT for b in ("ticket", "random", f"{m}-shuffled") if {m, b} <= present]
+    ablations = ("ticket", "random", "{}-shuffled", "{}-reinit")
+    pairs = [(m, b.format(m)) for m in AT_INIT for b in ablations if {m, b.format(m)} <= present]
+    pairs += [(a, "ticket") for a in ("random", "control") if a in present]  # the ticket's own two ablations
     table = paired_markdown(rows, pairs, "(the masks found at W0, on W0)")
     collapse = collapse_note(rows) or "No member's mask left a layer without weights."
-    return table + "\n" + collapse + "\n\n" + AT_INIT_METHOD
+    return at_init_findings(rows) + table + "\n" + collapse + "\n\n" + AT_INIT_METHOD
+
+
+FINDINGS_LEVELS = (13.0, 3.5, 1.15)  # weights remaining (%) of the findings table
+SNIP_TABLE_1 = {5.0: 1.6, 2.0: 2.4}  # Lee et al. (2019), Table 1: LeNet-300-100's test error (%) at 5% and 2% left
+
+
+def at_init_findings(rows: pd.DataFrame) -> str:
+    """Frankle et al. (2021)'s claims at the rounds nearest FINDINGS_LEVELS: each method against
+    the ticket, the random control and its own shuffle and reinit, and the ticket against its
+    shuffle (the random control) and its reinit, paired within each trial; then SNIP's test error at the
+    rounds nearest Lee et al.'s 5% and 2%."""
+    acc = per_trial(rows, ["round", "trial", "variant"], ["weights_pct", "test_acc"])
+    wide = acc.pivot_table(index=["round", "trial"], columns="variant", values="test_acc")
+    pct = acc[acc.variant == "ticket"].groupby("round").weights_pct.mean()
+    rounds = nearest_rounds(rows, FINDINGS_LEVELS)
+    present = set(wide.columns)
+    pairs = [(m, b) for b in ("ticket", "random") for m in AT_INIT if {m, b} <= present]
+    pairs += [(m, f"{m}-{a}") for a in ABLATIONS for m in AT_INIT if {m, f"{m}-{a}"} <= present]
+    pairs += [(a, "ticket") for a in ("random", "control") if a in present]
+    if not pairs:
+        return ""
+    header = ["Difference (points)", *(f"{pct[r]:.2f}% (round {r})" for r in rounds)]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(rounds)]
+    for a, b in pairs:
+        cells = [interval_cell(wide[a].xs(r, level="round") - wide[b].xs(r, level="round"), "+.2f") for r in rounds]
+        lines.append(f"| {LABELS[a]} - {LABELS[b]} | " + " | ".join(cells) + " |")
+    trials = rows.trial.nunique()
+    text = (
+        f"## At the levels nearest {', '.join(f'{x:g}%' for x in FINDINGS_LEVELS)}\n\nTest accuracy differences, "
+        "paired within each trial"
+        + (f"; mean [95% confidence interval: Student-t, df = {trials - 1}]" if trials > 1 else "")
+        + ". Random mask is the ticket's mask shuffled within each layer; Control, its reinit.\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+    )
+    if "snip" in present:
+        snip = [
+            f"{interval_cell(100 - wide['snip'].xs(r, level='round'), '.2f')} at {pct[r]:.2f}% "
+            f"(Lee et al., 2019: {error} at {level:g}%)"
+            for level, error in SNIP_TABLE_1.items()
+            for r in [int((np.log(pct) - math.log(level)).abs().idxmin())]
+        ]
+        text += f"SNIP's test error (%): {'; '.join(snip)}. Their recipe differs: see below.\n\n"
+    return text
 
 
 AT_INIT_METHOD = """## How each mask is found
@@ -2720,6 +2766,12 @@ first); GraSP scores 100 images (10 per class; its code 25 per class) as one bat
 (which scales g and Hg by 2 each: the same ranking); every method keeps exactly the ticket's count, ties by
 position (GraSP's code keeps a weight equal to its threshold; SynFlow's removes every weight tied at it);
 SynFlow runs in float64 (its code: float32).
+
+Lee et al. (2019)'s LeNet-300-100 errors (their Table 1; 1.7% dense) come from another recipe: SGD with
+momentum 0.9, learning rate 0.1 divided by 10 every 25k iterations, batch 100, weight decay 0.0005, 90% of
+the training images, a variance-scaling init, 20 runs a level, exactly 5% and 2% of the weights. This run's
+recipe is in config.json (the default: SGD 0.01, momentum 0.9, batch 60, no weight decay, 20 epochs on all
+60,000 images, Kaiming-uniform init), at the levels its pruning schedule reaches.
 """
 
 

@@ -248,14 +248,41 @@ def test_masks_that_nest_but_for_a_few_weights_are_stored_as_rounds_survived_and
 def test_a_run_with_the_methods_writes_their_figure_and_paired_table(at_init_run):
     assert (at_init_run / "at_init.png").read_bytes()[:4] == b"\x89PNG"
     table = (at_init_run / "at_init.md").read_text()
-    assert "| SNIP - Ticket | GraSP - Ticket | SynFlow - Ticket | SynFlow - SynFlow-shuffled |" in table
+    assert (
+        "| SNIP - Ticket | GraSP - Ticket | GraSP - GraSP-reinit | SynFlow - Ticket | SynFlow - SynFlow-shuffled |"
+        in table
+    )
     assert "Test accuracy (%) before training" in table and "No member's mask left a layer" in table
     assert "## How each mask is found" in table and "removes the highest scores" in table  # the method, stated
     rows = pd.read_csv(at_init_run / "results.csv")
     rows = pd.concat([rows, rows[rows.variant == "ticket"].assign(variant="random", test_acc=lambda r: r.test_acc - 1)])
-    pairs = "| SNIP - Ticket | SNIP - Random mask | GraSP - Ticket | GraSP - Random mask | SynFlow - Ticket |"
+    pairs = "| SNIP - Random mask | GraSP - Ticket | GraSP - Random mask | GraSP - GraSP-reinit | SynFlow - Ticket |"
     assert pairs in lot.at_init_markdown(rows)
     assert "| +1.00 [+1.00, +1.00] |" in lot.at_init_markdown(rows)  # ticket - random, paired
+    assert "| SynFlow - SynFlow-shuffled | Random mask - Ticket |" in lot.at_init_markdown(rows)  # its shuffle
+    assert table.startswith("## At the levels nearest 13%, 3.5%, 1.15%") and "| SNIP - Ticket | " in table
+
+
+def test_the_findings_compare_each_method_and_the_ticket_with_their_ablations_at_the_levels_asked():
+    acc = {"ticket": 98.0, "random": 97.0, "control": 97.5, "snip": 97.8, "snip-shuffled": 97.6, "snip-reinit": 97.75}
+    rows = pd.DataFrame(
+        [
+            {"trial": t, "round": r, "variant": v, "weights_pct": 100 * 0.8**r, "test_acc": a - 0.1 * t * (v == "snip")}
+            for t in range(3)
+            for r in range(21)
+            for v, a in acc.items()
+        ]
+    )
+    findings = lot.at_init_findings(rows)
+    assert "| Difference (points) | 13.42% (round 9) | 3.52% (round 15) | 1.15% (round 20) |" in findings
+    assert "| Random mask - Ticket | -1.00 [-1.00, -1.00] | -1.00 [-1.00, -1.00] |" in findings  # its shuffle
+    assert "| Control - Ticket | -0.50 [-0.50, -0.50] |" in findings  # its reinit
+    assert "| SNIP - Random mask | +0.70 [+0.45, +0.95] |" in findings  # 0.8, 0.7, 0.6 over the trials
+    assert "| SNIP - SNIP-shuffled | +0.10 [-0.15, +0.35] |" in findings
+    assert "| SNIP - SNIP-reinit | -0.05 [-0.30, +0.20] |" in findings
+    assert "GraSP" not in findings  # a method that did not run has no row
+    assert "2.30 [2.05, 2.55] at 5.50% (Lee et al., 2019: 1.6 at 5%); 2.30 [2.05, 2.55] at 1.80%" in findings
+    assert lot.at_init_findings(rows[rows.variant == "ticket"]) == ""  # nothing to compare
 
 
 def test_layer_collapse_is_named_with_its_variant_layer_round_and_trials():
