@@ -2688,13 +2688,21 @@ def at_init_markdown(rows: pd.DataFrame) -> str:
     """Frankle et al. (2021)'s comparisons per round, paired within each trial: each mask found at
     initialisation against the ticket, the random control and its own shuffle and reinit; every member's
     accuracy before training; and any member whose mask left a layer empty."""
-    present = set(rows.variant)
-    ablations = ("ticket", "random", "{}-shuffled", "{}-reinit")
-    pairs = [(m, b.format(m)) for m in AT_INIT for b in ablations if {m, b.format(m)} <= present]
-    pairs += [(a, "ticket") for a in ("random", "control") if a in present]  # the ticket's own two ablations
-    table = paired_markdown(rows, pairs, "(the masks found at W0, on W0)")
+    by_method = sorted(
+        at_init_pairs(set(rows.variant)), key=lambda p: AT_INIT.index(p[0]) if p[0] in AT_INIT else len(AT_INIT)
+    )
+    table = paired_markdown(rows, by_method, "(the masks found at W0, on W0)")
     collapse = collapse_note(rows) or "No member's mask left a layer without weights."
     return at_init_findings(rows) + table + "\n" + collapse + "\n\n" + AT_INIT_METHOD
+
+
+def at_init_pairs(present: set[str]) -> list[tuple[str, str]]:
+    """The (a, b) comparisons a - b among the variants present, by kind: each method against the
+    ticket, then the random control, its shuffle, its reinit; last the ticket's own two ablations
+    (the random control is its shuffle, the control its reinit) against it."""
+    kinds = ("ticket", "random", *(f"{{}}-{a}" for a in ABLATIONS))
+    pairs = [(m, k.format(m)) for k in kinds for m in AT_INIT if {m, k.format(m)} <= present]
+    return pairs + [(a, "ticket") for a in ("random", "control") if a in present]
 
 
 FINDINGS_LEVELS = (13.0, 3.5, 1.15)  # weights remaining (%) of the findings table
@@ -2710,10 +2718,7 @@ def at_init_findings(rows: pd.DataFrame) -> str:
     wide = acc.pivot_table(index=["round", "trial"], columns="variant", values="test_acc")
     pct = acc[acc.variant == "ticket"].groupby("round").weights_pct.mean()
     rounds = nearest_rounds(rows, FINDINGS_LEVELS)
-    present = set(wide.columns)
-    pairs = [(m, b) for b in ("ticket", "random") for m in AT_INIT if {m, b} <= present]
-    pairs += [(m, f"{m}-{a}") for a in ABLATIONS for m in AT_INIT if {m, f"{m}-{a}"} <= present]
-    pairs += [(a, "ticket") for a in ("random", "control") if a in present]
+    present, pairs = set(wide.columns), at_init_pairs(set(wide.columns))
     if not pairs:
         return ""
     header = ["Difference (points)", *(f"{pct[r]:.2f}% (round {r})" for r in rounds)]
@@ -2735,7 +2740,7 @@ def at_init_findings(rows: pd.DataFrame) -> str:
             f"{interval_cell(100 - wide['snip'].xs(r, level='round'), '.2f')} at {pct[r]:.2f}% "
             f"(Lee et al., 2019: {error} at {level:g}%)"
             for level, error in SNIP_TABLE_1.items()
-            for r in [int((np.log(pct) - math.log(level)).abs().idxmin())]
+            for r in [nearest_round(pct, level)]
         ]
         text += f"SNIP's test error (%): {'; '.join(snip)}. Their recipe differs: see below.\n\n"
     return text
@@ -3081,8 +3086,12 @@ PAPER_LEVELS = (100.0, 51.3, 21.1, 7.0, 3.6, 1.9)  # weights remaining (%) in th
 def nearest_rounds(rows: pd.DataFrame, levels: Sequence[float] = PAPER_LEVELS) -> list[int]:
     """The finished rounds whose weights remaining are nearest the given levels (log distance)."""
     pct = rows[rows.variant == "ticket"].groupby("round").weights_pct.mean()
-    chosen = [int((np.log(pct) - math.log(level)).abs().idxmin()) for level in levels]
-    return sorted(set(chosen))
+    return sorted({nearest_round(pct, level) for level in levels})
+
+
+def nearest_round(pct: pd.Series, level: float) -> int:
+    """The round (pct's index) whose weights remaining (%) is nearest the level, in log distance."""
+    return int((np.log(pct) - math.log(level)).abs().idxmin())
 
 
 def plot_over_iterations(evals: pd.DataFrame, rows: pd.DataFrame, path: Path) -> None:
